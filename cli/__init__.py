@@ -1,0 +1,1 @@
+"""The `tff-privseg` command line: a thin click layer over `tff_privseg`."""

@@ -1,0 +1,59 @@
+"""Shared CLI plumbing: one-line errors, --json output, quiet TensorFlow."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from tff_privseg.errors import UserError
+
+# Keep TensorFlow's C++ start-up chatter off the user's terminal (set before TF is imported).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."
+    )(fn)
+
+
+def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
+    """Print `result` for people, or as exactly one JSON line when --json is given."""
+    if as_json:
+        click.echo(json.dumps(result, default=_jsonable, sort_keys=True))
+    else:
+        human(result)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn UserError (and friends) into one line on stderr and exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,77 @@
+"""The client update: what one site does in one round, as one TF function.
+
+The same `tf.function` runs inside TFF's client work (on TFF's runtime) and eagerly in the
+Python TF runtime, so a site can train on its own accelerator and give the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tff_privseg.privacy.dp_sgd import LossFn, SeededGaussianSumQuery, dp_gradient, plain_gradient
+
+
+@dataclass(frozen=True)
+class DpSgdSpec:
+    """Sample-level DP-SGD parameters of one site's local training."""
+
+    l2_norm_clip: float
+    noise_multiplier: float
+    expected_batch_size: float  # q * n: the Poisson batch's expected size
+
+
+def build_client_update(
+    model_fn: Callable[[], tf.keras.Model],
+    loss_fn: LossFn,
+    optimizer: tff.learning.optimizers.Optimizer,
+    dp: DpSgdSpec | None,
+) -> Callable:
+    """Returns `client_update(initial_weights, batches, seed) -> (delta, examples, loss_sum)`.
+
+    initial_weights: list of trainable tensors (the server model).
+    batches: dataset of (x float32 [B,H,W,1], y int32 [B,H,W]); B may vary (Poisson) or be 0.
+    seed: int64 [2], the per-site, per-round secret noise seed.
+    Returns delta = initial - trained (TFF's convention: applied by the server optimizer as a
+    gradient), the number of examples used and the sum of their losses.
+    """
+    model = model_fn()
+
+    # A tf.function, not a bare graph: inside `tff.tensorflow.computation` variable assignments
+    # that feed no output are otherwise silently dropped (the "silent trap").
+    @tf.function
+    def client_update(initial_weights, batches, seed):
+        variables = model.trainable_variables
+        for var, value in zip(variables, initial_weights, strict=True):
+            var.assign(value)
+        specs = tuple(tf.TensorSpec(v.shape, v.dtype) for v in variables)
+        opt_state = optimizer.initialize(specs)
+        examples = tf.constant(0, tf.int64)
+        loss_sum = tf.constant(0.0)
+        step = tf.constant(0, tf.int64)
+        for x, y in batches:
+            if dp is None:
+                grads, batch_loss = plain_gradient(model, loss_fn, x, y)
+            else:
+                step_seed = tf.random.experimental.stateless_fold_in(seed, step)
+                query = SeededGaussianSumQuery(
+                    dp.l2_norm_clip, dp.l2_norm_clip * dp.noise_multiplier, step_seed
+                )
+                grads, batch_loss = dp_gradient(
+                    model, loss_fn, x, y, query, dp.expected_batch_size
+                )
+            opt_state, new_weights = optimizer.next(
+                opt_state, tuple(v.read_value() for v in variables), tuple(grads)
+            )
+            for var, value in zip(variables, new_weights, strict=True):
+                var.assign(value)
+            examples += tf.cast(tf.shape(x)[0], tf.int64)
+            loss_sum += batch_loss
+            step += 1
+        delta = [a - b.read_value() for a, b in zip(initial_weights, variables, strict=True)]
+        return delta, examples, loss_sum
+
+    return client_update

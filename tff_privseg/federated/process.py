@@ -1,0 +1,155 @@
+"""The TFF learning process: broadcast -> client work -> aggregation -> server optimizer.
+
+Composed from TFF's own templates (`compose_learning_process`), with our client work (plain or
+DP-SGD local training) and TFF aggregators: weighted/unweighted mean, optional secure sum, or
+`DifferentiallyPrivateFactory` (site-level DP-FedAvg, fixed or quantile-adaptive clipping).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tensorflow_privacy as tfp
+
+from tff_privseg.config import Config
+from tff_privseg.federated.client import DpSgdSpec, build_client_update
+
+# Bound on every coordinate of a client update when summed with the secure-sum factory.
+SECURE_SUM_BOUND = 1.0
+
+
+def tff_optimizer(name: str, lr: float) -> tff.learning.optimizers.Optimizer:
+    if name == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate=lr)
+    return tff.learning.optimizers.build_sgdm(learning_rate=lr)
+
+
+def client_data_type(resolution: int) -> tff.StructWithPythonType:
+    """Per-site input: Poisson/shuffled batches and the site's secret noise seed for the round."""
+    batch = (
+        tff.TensorType(np.float32, [None, resolution, resolution, 1]),
+        tff.TensorType(np.int32, [None, resolution, resolution]),
+    )
+    return tff.StructWithPythonType(
+        [
+            ("batches", tff.SequenceType(batch)),
+            ("seed", tff.SequenceType(tff.TensorType(np.int64, [2]))),
+        ],
+        collections.OrderedDict,
+    )
+
+
+def build_aggregator(cfg: Config, sites_per_round: int) -> tff.aggregators.AggregationFactory:
+    p = cfg.privacy
+    if p.level == "site":
+        if p.clipping == "adaptive":
+            count_std = p.clipped_count_stddev or sites_per_round / 20.0
+            return tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
+                noise_multiplier=p.noise_multiplier,
+                clients_per_round=sites_per_round,
+                initial_l2_norm_clip=p.l2_norm_clip,
+                target_unclipped_quantile=p.target_quantile,
+                learning_rate=p.clip_learning_rate,
+                clipped_count_stddev=count_std,
+            )
+        query = tfp.NormalizedQuery(
+            tfp.GaussianSumQuery(p.l2_norm_clip, p.l2_norm_clip * p.noise_multiplier),
+            denominator=float(sites_per_round),
+        )
+        record_sum = _secure_sum() if p.secure_aggregation else None
+        return tff.aggregators.DifferentiallyPrivateFactory(query, record_sum)
+    value_sum = _secure_sum() if p.secure_aggregation else None
+    if cfg.train.weighting == "examples":
+        return tff.aggregators.MeanFactory(value_sum_factory=value_sum)
+    return tff.aggregators.UnweightedMeanFactory(value_sum_factory=value_sum)
+
+
+def _secure_sum() -> tff.aggregators.SecureSumFactory:
+    # TFF's runtime implements the semantics of secure summation (bounded values, sum only),
+    # not the cryptographic protocol.
+    return tff.aggregators.SecureSumFactory(
+        upper_bound_threshold=SECURE_SUM_BOUND, lower_bound_threshold=-SECURE_SUM_BOUND
+    )
+
+
+def build_process(
+    cfg: Config,
+    model_fn: Callable[[], tf.keras.Model],
+    loss_fn: Callable,
+    sites_per_round: int,
+    dp_by_site: DpSgdSpec | None,
+) -> tff.learning.templates.LearningProcess:
+    """A TFF `LearningProcess` for `cfg`.
+
+    `dp_by_site` carries the DP-SGD parameters; with sample-level DP every site uses the same
+    clip and noise multiplier, and its expected batch size (batch_size) is the same too, so one
+    client computation serves all sites.
+    """
+    with tf.Graph().as_default():
+        template = model_fn()
+        specs = [tf.TensorSpec(v.shape, v.dtype) for v in template.trainable_variables]
+    trainable_type = tff.StructWithPythonType(
+        [tff.TensorType(s.dtype.as_numpy_dtype, s.shape) for s in specs], list
+    )
+    weights_type = tff.StructWithPythonType(
+        [("trainable", trainable_type), ("non_trainable", tff.StructWithPythonType([], list))],
+        tff.learning.models.ModelWeights,
+    )
+    data_type = client_data_type(cfg.data.resolution)
+
+    @tff.tensorflow.computation
+    def initial_weights():
+        model = model_fn()
+        return tff.learning.models.ModelWeights(
+            trainable=[v.read_value() for v in model.trainable_variables], non_trainable=[]
+        )
+
+    client_opt = tff_optimizer(cfg.train.client_optimizer, cfg.train.client_lr)
+
+    @tff.tensorflow.computation(weights_type, data_type)
+    def client_update(weights, data):
+        update = build_client_update(model_fn, loss_fn, client_opt, dp_by_site)
+        seed = data["seed"].reduce(tf.zeros([2], tf.int64), lambda _, s: s)
+        delta, examples, loss_sum = update(list(weights.trainable), data["batches"], seed)
+        weight = (
+            tf.cast(examples, tf.float32) if cfg.train.weighting == "examples" else tf.constant(1.0)
+        )
+        metrics = collections.OrderedDict(examples=examples, loss_sum=loss_sum)
+        return tff.learning.templates.ClientResult(update=delta, update_weight=weight), metrics
+
+    @tff.federated_computation
+    def client_init():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(
+        client_init.type_signature.result,
+        tff.FederatedType(weights_type, tff.CLIENTS),
+        tff.FederatedType(data_type, tff.CLIENTS),
+    )
+    def client_next(state, weights, data):
+        results, metrics = tff.federated_map(client_update, (weights, data))
+        train = collections.OrderedDict(
+            examples=tff.federated_sum(metrics.examples),
+            loss_sum=tff.federated_sum(metrics.loss_sum),
+        )
+        return tff.templates.MeasuredProcessOutput(state, results, tff.federated_zip(train))
+
+    client_work = tff.learning.templates.ClientWorkProcess(client_init, client_next)
+    aggregator = build_aggregator(cfg, sites_per_round)
+    if isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory):
+        aggregator = tff.aggregators.as_weighted_aggregator(aggregator)
+    aggregation = aggregator.create(trainable_type, tff.TensorType(np.float32))
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+        tff_optimizer(cfg.train.server_optimizer, cfg.train.server_lr), weights_type
+    )
+    return tff.learning.templates.compose_learning_process(
+        initial_weights,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work,
+        aggregation,
+        finalizer,
+    )

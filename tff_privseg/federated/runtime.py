@@ -1,0 +1,159 @@
+"""Owning TFF's runtime: a worker that cannot outlive us and that no network can reach.
+
+TFF 0.87's default context starts `worker_binary` lazily and never stops it (it was seen
+orphaned, holding the parent's stdout open). `local_runtime()` replaces that context: it starts
+the worker through `netns_bridge` (private network namespace, Unix socket, parent-death signal)
+and installs TFF's own `SyncExecutionContext` over a `RemoteExecutor` stub on that socket. On exit
+(normal, exception, Ctrl-C, SIGTERM) the worker is stopped and waited for; if this process is
+killed outright, the kernel kills the bridge and the worker (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tff_privseg.errors import UserError
+
+_GRPC_OPTIONS = [
+    ("grpc.max_message_length", 2_000_000_000),
+    ("grpc.max_receive_message_length", 2_000_000_000),
+    ("grpc.max_send_message_length", 2_000_000_000),
+]
+
+
+@dataclass
+class LocalWorker:
+    """A running worker: the bridge process, its Unix socket and the worker's private port."""
+
+    bridge: subprocess.Popen
+    socket_path: str
+    port: int
+    isolated: bool
+    tmpdir: tempfile.TemporaryDirectory
+
+    def stop(self) -> None:
+        if self.bridge.poll() is None:
+            self.bridge.send_signal(signal.SIGTERM)
+            try:
+                self.bridge.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.bridge.kill()
+                self.bridge.wait()
+        with contextlib.suppress(OSError):
+            self.tmpdir.cleanup()
+
+
+def worker_binary_path() -> Path:
+    import tensorflow_federated as tff
+
+    return Path(tff.__file__).parent / "data" / "worker_binary"
+
+
+def _die_with_parent() -> None:
+    from tff_privseg.federated.netns_bridge import die_with_parent
+
+    os.setsid()  # own process group: a terminal's Ctrl-C reaches only us; we stop the worker
+    die_with_parent()
+
+
+def start_local_worker(timeout: float = 60.0) -> LocalWorker:
+    """Start worker_binary behind the namespace bridge; return once it is reachable."""
+    tmpdir = tempfile.TemporaryDirectory(prefix="tff-privseg-worker-")
+    os.chmod(tmpdir.name, 0o700)
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "tff_privseg.federated.netns_bridge", str(worker_binary_path()),
+         tmpdir.name],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+        text=True,
+    )
+    line = _read_line(bridge, timeout)
+    if not line.startswith("READY"):
+        bridge.kill()
+        bridge.wait()
+        tmpdir.cleanup()
+        raise UserError(f"could not start the TFF worker: {line.removeprefix('FAILED ').strip()}")
+    _, sock, port, isolated, *reason = line.split(" ", 4)
+    if isolated != "1":
+        warnings.warn(
+            "WARNING: no private network namespace here "
+            f"({' '.join(reason).strip()}); TFF's worker_binary listens on all interfaces "
+            f"(port {port}) for the duration of this run.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return LocalWorker(bridge, sock, int(port), isolated == "1", tmpdir)
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        return "FAILED no answer from the worker bridge"
+    return proc.stdout.readline().strip() or "FAILED the worker bridge exited"
+
+
+def _install_context(socket_path: str, default_num_clients: int = 0) -> object:
+    """Make TFF execute on the worker behind `socket_path`; return the previous context."""
+    import grpc
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    channel = grpc.insecure_channel(f"unix:{socket_path}", _GRPC_OPTIONS)
+    stub = tff.framework.RemoteExecutorGrpcStub(channel)
+    deadline = time.monotonic() + 60
+    while not stub.is_ready:
+        if time.monotonic() > deadline:
+            raise UserError("the TFF worker did not become ready within 60 s")
+        time.sleep(0.05)
+
+    def stack_fn(cardinalities):
+        cardinalities.setdefault(tff.CLIENTS, default_num_clients)
+        executor = tff.framework.RemoteExecutor(stub)
+        executor.set_cardinalities(cardinalities)
+        return executor
+
+    factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
+    context = tff.framework.SyncExecutionContext(
+        executor_fn=factory,
+        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
+        transform_args=tff.tensorflow.transform_args,
+        transform_result=tff.tensorflow.transform_result,
+    )
+    stack = context_stack_impl.context_stack
+    previous = stack.current
+    stack.set_default_context(context)
+    return previous
+
+
+@contextlib.contextmanager
+def local_runtime() -> Iterator[LocalWorker]:
+    """Context manager: a private, owned TFF worker installed as TFF's default context."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    worker = start_local_worker()
+    atexit.register(worker.stop)  # backstop if the caller never leaves the `with`
+    try:
+        previous = _install_context(worker.socket_path)
+        try:
+            yield worker
+        finally:
+            context_stack_impl.context_stack.set_default_context(previous)
+    finally:
+        worker.stop()
+        atexit.unregister(worker.stop)

@@ -1,0 +1,98 @@
+"""Building blocks shared by the U-Net and MoNet builders.
+
+Everything here produces plain Keras functional graph pieces (no subclassed layers), so the
+models stay acceptable to ``tff.learning.models.from_keras_model`` and to SavedModel export.
+Normalisation is always ``GroupNormalization``: BatchNorm's running statistics are not averaged by
+federated averaging and batch statistics couple the examples of a batch, which breaks
+per-example clipping in DP-SGD.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tensorflow as tf
+
+GN_EPSILON = 1e-5  # PyTorch's GroupNorm default (Keras' is 1e-3)
+META_ATTR = "tff_privseg_meta"  # JSON string attribute carrying the build arguments
+
+
+def group_count(max_groups: int, channels: int) -> int:
+    """Largest group count <= ``max_groups`` (and <= ``channels``) that divides ``channels``."""
+    g = max(1, min(int(max_groups), int(channels)))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class Initializers:
+    """Hands out kernel initialisers; with a seed, each call gets its own derived seed.
+
+    Keras initialisers with a fixed seed are deterministic, so two builds with the same seed
+    produce identical weights without touching any global random state.
+    """
+
+    def __init__(self, seed: int | None, kind: str = "he_normal"):
+        self.seed = seed
+        self.kind = kind
+        self._count = 0
+
+    def _next_seed(self) -> int | None:
+        if self.seed is None:
+            return None
+        self._count += 1
+        return (int(self.seed) * 1_000_003 + self._count * 7_919) % (2**31 - 1)
+
+    def kernel(self) -> tf.keras.initializers.Initializer:
+        cls = {
+            "he_normal": tf.keras.initializers.HeNormal,
+            "he_uniform": tf.keras.initializers.HeUniform,
+            "glorot_uniform": tf.keras.initializers.GlorotUniform,
+        }[self.kind]
+        return cls(seed=self._next_seed())
+
+    def dropout_seed(self) -> int | None:
+        return self._next_seed()
+
+
+def group_norm(x: tf.Tensor, max_groups: int, name: str) -> tf.Tensor:
+    channels = int(x.shape[-1])
+    return tf.keras.layers.GroupNormalization(
+        groups=group_count(max_groups, channels), epsilon=GN_EPSILON, name=name
+    )(x)
+
+
+def head(x: tf.Tensor, num_classes: int, init: Initializers, name: str = "head") -> tf.Tensor:
+    """1x1 conv + activation, output probabilities in float32.
+
+    Binary (``num_classes == 2``): one sigmoid channel (foreground probability).
+    Multiclass: ``num_classes`` softmax channels.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    channels = 1 if num_classes == 2 else num_classes
+    logits = tf.keras.layers.Conv2D(
+        channels,
+        1,
+        padding="same",
+        kernel_initializer=tf.keras.initializers.GlorotUniform(seed=init._next_seed()),
+        name=f"{name}_conv",
+    )(x)
+    activation = "sigmoid" if channels == 1 else "softmax"
+    # float32 even under a mixed-precision policy: losses and metrics expect it.
+    return tf.keras.layers.Activation(activation, dtype="float32", name="probs")(logits)
+
+
+def attach_meta(model: tf.keras.Model, **meta) -> tf.keras.Model:
+    """Record the build arguments on the model as a JSON string (read back by ``model_meta``)."""
+    setattr(model, META_ATTR, json.dumps(meta, sort_keys=True))
+    return model
+
+
+def check_resolution(resolution: int, depth: int, what: str) -> None:
+    if depth < 1:
+        raise ValueError(f"{what}: depth must be >= 1, got {depth}")
+    if resolution < 2**depth or resolution % (2**depth):
+        raise ValueError(
+            f"{what}: resolution {resolution} must be a positive multiple of 2**depth = {2**depth}"
+        )

@@ -1,0 +1,130 @@
+"""Sample-level DP-SGD gradients from a tensorflow-privacy DPQuery.
+
+Per-example gradients come from `tape.jacobian` of the per-example loss vector (vectorised by
+pfor: no Python loop over examples), each is clipped to L2 norm C by the query's
+`preprocess_record`, the clipped gradients are summed, and the query adds N(0, (σC)²) to the sum.
+The sum is divided by the *expected* batch size (q·n): the actual size of a Poisson batch is
+itself private and must not be used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import dp_accounting
+import tensorflow as tf
+from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
+
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y [B,H,W], probs [B,H,W,C]) -> [B]
+
+
+class SeededGaussianSumQuery(GaussianSumQuery):
+    """GaussianSumQuery whose noise is a pure function of a seed.
+
+    Hand-written because GaussianSumQuery draws its noise from an unseeded initializer. A
+    resumed run must re-release *identical* noised updates for a round that was interrupted,
+    otherwise the repeated round would leak more than the accountant counts. The seed comes
+    from a per-run secret key (never from the config), so nobody can subtract the noise.
+    """
+
+    def __init__(self, l2_norm_clip: float, stddev: float, seed: tf.Tensor) -> None:
+        super().__init__(l2_norm_clip, stddev)
+        self._seed = seed  # int64 [2]
+
+    def get_noised_result(self, sample_state, global_state):
+        flat = tf.nest.flatten(sample_state)
+        noised = [
+            v
+            + tf.random.stateless_normal(
+                tf.shape(v),
+                seed=tf.random.experimental.stateless_fold_in(self._seed, i),
+                stddev=global_state.stddev,
+                dtype=v.dtype,
+            )
+            for i, v in enumerate(flat)
+        ]
+        event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
+        return (
+            tf.nest.pack_sequence_as(sample_state, noised),
+            global_state,
+            event,
+        )
+
+
+def per_example_gradients(
+    model: tf.keras.Model, loss_fn: LossFn, x: tf.Tensor, y: tf.Tensor
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """Per-example gradients, each [B, *var.shape], and the per-example losses [B]."""
+    with tf.GradientTape() as tape:
+        losses = loss_fn(y, model(x, training=True))
+    jac = tape.jacobian(
+        losses, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return jac, losses
+
+
+def clip_and_sum(per_example: list[tf.Tensor], l2_norm_clip: tf.Tensor) -> list[tf.Tensor]:
+    """Σ_i clip(g_i, C) over the batch axis: GaussianSumQuery.preprocess_record, batched.
+
+    Same arithmetic as the query's `tf.clip_by_global_norm` per example (scale g_i by
+    C / max(‖g_i‖, C), ‖·‖ the norm over all variables), written over the batch axis because
+    pfor has no rule for L2Loss and would fall back to a loop over examples.
+    """
+    sq = [tf.reduce_sum(tf.square(g), axis=tf.range(1, tf.rank(g))) for g in per_example]
+    norms = tf.sqrt(tf.add_n(sq))  # [B]
+    scale = l2_norm_clip / tf.maximum(norms, l2_norm_clip)  # [B]
+    return [tf.tensordot(scale, g, axes=1) for g in per_example]
+
+
+def dp_gradient(
+    model: tf.keras.Model,
+    loss_fn: LossFn,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    query: GaussianSumQuery,
+    expected_batch_size: float,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """One DP-SGD gradient: clip per example, sum, noise via `query`, divide by q·n.
+
+    Args:
+      x: float32 [B, H, W, 1], y: int32 [B, H, W]; B may be 0 (an empty Poisson batch).
+    Returns:
+      (noised mean gradient per trainable variable, sum of per-example losses).
+    """
+    global_state = query.initial_global_state()
+    params = query.derive_sample_params(global_state)
+    variables = model.trainable_variables
+
+    def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
+        jac, losses = per_example_gradients(model, loss_fn, x, y)
+        return clip_and_sum(jac, params), tf.reduce_sum(losses)
+
+    def nothing() -> tuple[list[tf.Tensor], tf.Tensor]:
+        return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
+
+    summed, loss_sum = tf.cond(tf.shape(x)[0] > 0, clipped_sum, nothing)
+    noised, _, _ = query.get_noised_result(summed, global_state)
+    return [g / expected_batch_size for g in noised], loss_sum
+
+
+def plain_gradient(
+    model: tf.keras.Model, loss_fn: LossFn, x: tf.Tensor, y: tf.Tensor
+) -> tuple[Sequence[tf.Tensor], tf.Tensor]:
+    """Ordinary minibatch gradient of the mean loss, and the sum of per-example losses.
+
+    An empty batch gives zero gradients (GroupNorm cannot run on zero examples).
+    """
+
+    def grads_and_loss() -> tuple[list[tf.Tensor], tf.Tensor]:
+        with tf.GradientTape() as tape:
+            losses = loss_fn(y, model(x, training=True))
+            loss = tf.reduce_mean(losses)
+        grads = tape.gradient(
+            loss, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return list(grads), tf.reduce_sum(losses)
+
+    def nothing() -> tuple[list[tf.Tensor], tf.Tensor]:
+        return [tf.zeros_like(v) for v in model.trainable_variables], tf.constant(0.0)
+
+    return tf.cond(tf.shape(x)[0] > 0, grads_and_loss, nothing)
