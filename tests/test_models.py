@@ -93,7 +93,9 @@ def test_monet_skip_connections_fire():
     assert model.get_layer("enc0_down_conv").kernel.shape == (4, 4, 16, 16)
     assert model.get_layer("dec1_up_conv").kernel.shape == (4, 4, 64, 64)
     dilations = sorted(
-        layer.dilation_rate[0] for layer in model.layers if layer.name.startswith("enc0_rddc_d")
+        layer.dilation_rate[0]
+        for layer in model.layers
+        if layer.name.startswith("enc0_rddc_d") and layer.name.endswith("_conv")
     )
     assert dilations == [1, 2, 3, 4]
 

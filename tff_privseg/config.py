@@ -91,7 +91,7 @@ class PrivacyConfig:
     clipping: Literal["fixed", "adaptive"] = "fixed"  # site level only
     target_quantile: float = 0.5  # adaptive clipping
     clip_learning_rate: float = 0.2  # adaptive clipping
-    clipped_count_stddev: float = 0.0  # adaptive clipping; 0 = sites_per_round / 20
+    clipped_count_stddev: float = 0.0  # adaptive clipping; 0 = max(sites_per_round / 20, σ)
     secure_aggregation: bool = False
 
 
@@ -103,7 +103,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def replace(self, **sections: Any) -> Config:
-        """A copy with whole sections or dotted keys replaced: ``replace(**{"train.rounds": 3})``."""
+        """A copy with sections or dotted keys replaced: ``replace(**{"train.rounds": 3})``."""
         return from_dict(_merge(to_dict(self), _undot(sections)), source="<override>")
 
     def digest(self) -> str:
@@ -159,8 +159,11 @@ def validate(cfg: Config, source: str) -> None:
         raise UserError(f"{key}: {why}", source)
 
     d, t, p = cfg.data, cfg.train, cfg.privacy
-    if d.resolution < 16 or d.resolution % 2 ** cfg.model.depth:
-        bad("data.resolution", f"must be >= 16 and divisible by 2**model.depth = {2**cfg.model.depth}")
+    if d.resolution < 8 or d.resolution % 2**cfg.model.depth:
+        bad(
+            "data.resolution",
+            f"must be >= 8 and divisible by 2**model.depth = {2**cfg.model.depth}",
+        )
     if d.hu_window[0] >= d.hu_window[1]:
         bad("data.hu_window", "lower bound must be below the upper bound")
     if not (0 <= d.test_fraction < 1 and 0 <= d.val_fraction < 1):
@@ -190,9 +193,15 @@ def validate(cfg: Config, source: str) -> None:
             # publishing it as an aggregation weight is not covered by the DP guarantee.
             bad("train.weighting", "'examples' leaks site sizes; use 'uniform' with privacy on")
         if t.mode == "centralized":
-            bad("train.mode", "centralized training is the non-private upper bound: privacy.level must be 'none'")
+            bad(
+                "train.mode",
+                "centralized training is the non-private upper bound: privacy.level must be 'none'",
+            )
     if p.level == "sample" and t.local_epochs > 0:
-        bad("train.local_epochs", "sample-level DP draws Poisson batches: set train.local_steps instead")
+        bad(
+            "train.local_epochs",
+            "sample-level DP draws Poisson batches: set train.local_steps instead",
+        )
     if p.target_epsilon < 0:
         bad("privacy.target_epsilon", "must be >= 0")
     if p.clipping == "adaptive" and not 0 < p.target_quantile < 1:
@@ -210,7 +219,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     known = {f.name for f in fields(cls)}
     for key in raw:
         if key not in known:
-            raise UserError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})", source)
+            raise UserError(
+                f"unknown key '{prefix}{key}' (known: {', '.join(sorted(known))})", source
+            )
     kwargs = {}
     for f in fields(cls):
         if f.name in raw:

@@ -93,6 +93,26 @@ def get_loss(name: str) -> LossFn:
         raise ValueError(f"unknown loss {name!r} (known: {', '.join(sorted(LOSSES))})") from None
 
 
+class PerExampleLoss(tf.keras.losses.Loss):
+    """A named per-example loss as a ``tf.keras.losses.Loss`` (serialisable by name)."""
+
+    def __init__(
+        self,
+        loss: str = "dice",
+        reduction: str = tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
+        name: str | None = None,
+    ):
+        super().__init__(reduction=reduction, name=name or f"{loss}_loss")
+        self.loss = loss
+        self.fn = get_loss(loss)
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "loss": self.loss}
+
+
 def keras_loss(name: str, reduction: str = "mean") -> tf.keras.losses.Loss:
     """The loss as a ``tf.keras.losses.Loss`` (what ``tff.learning`` and Keras optimizers take).
 
@@ -105,13 +125,12 @@ def keras_loss(name: str, reduction: str = "mean") -> tf.keras.losses.Loss:
     }
     if reduction not in reductions:
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    return tf.keras.losses.LossFunctionWrapper(
-        get_loss(name), reduction=reductions[reduction], name=f"{name}_loss"
-    )
+    return PerExampleLoss(name, reduction=reductions[reduction])
 
 
 __all__ = [
     "LOSSES",
+    "PerExampleLoss",
     "cross_entropy",
     "dice_ce_loss",
     "get_loss",

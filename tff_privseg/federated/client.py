@@ -60,9 +60,7 @@ def build_client_update(
                 query = SeededGaussianSumQuery(
                     dp.l2_norm_clip, dp.l2_norm_clip * dp.noise_multiplier, step_seed
                 )
-                grads, batch_loss = dp_gradient(
-                    model, loss_fn, x, y, query, dp.expected_batch_size
-                )
+                grads, batch_loss = dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)
             opt_state, new_weights = optimizer.next(
                 opt_state, tuple(v.read_value() for v in variables), tuple(grads)
             )

@@ -72,8 +72,13 @@ def start_local_worker(timeout: float = 60.0) -> LocalWorker:
     tmpdir = tempfile.TemporaryDirectory(prefix="tff-privseg-worker-")
     os.chmod(tmpdir.name, 0o700)
     bridge = subprocess.Popen(
-        [sys.executable, "-m", "tff_privseg.federated.netns_bridge", str(worker_binary_path()),
-         tmpdir.name],
+        [
+            sys.executable,
+            "-m",
+            "tff_privseg.federated.netns_bridge",
+            str(worker_binary_path()),
+            tmpdir.name,
+        ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -108,11 +113,41 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().strip() or "FAILED the worker bridge exited"
 
 
-def _install_context(socket_path: str, default_num_clients: int = 0) -> object:
-    """Make TFF execute on the worker behind `socket_path`; return the previous context."""
+def _compile(comp: object) -> object:
+    """TFF's native compilation, after lowering secure-sum intrinsics to plain sums.
+
+    TFF's runtime has no cryptographic secure aggregation: the secure-sum factories give the
+    *semantics* (bounded, modular integer sums of clipped values) and run as ordinary sums here,
+    exactly as in TFF's own test context.
+    """
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+
+    comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+    return tff.backends.native.desugar_and_transform_to_native(comp)
+
+
+def _context(stack_fn) -> object:
+    import tensorflow_federated as tff
+
+    return tff.framework.SyncExecutionContext(
+        executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
+        compiler_fn=_compile,
+        transform_args=tff.tensorflow.transform_args,
+        transform_result=tff.tensorflow.transform_result,
+    )
+
+
+def _set_default_context(context: object) -> None:
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    context_stack_impl.context_stack.set_default_context(context)
+
+
+def _install_context(socket_path: str, default_num_clients: int = 0) -> None:
+    """Make TFF execute on the worker behind `socket_path`."""
     import grpc
     import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
     channel = grpc.insecure_channel(f"unix:{socket_path}", _GRPC_OPTIONS)
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
@@ -128,32 +163,31 @@ def _install_context(socket_path: str, default_num_clients: int = 0) -> object:
         executor.set_cardinalities(cardinalities)
         return executor
 
-    factory = tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
-    context = tff.framework.SyncExecutionContext(
-        executor_fn=factory,
-        compiler_fn=tff.backends.native.desugar_and_transform_to_native,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result,
-    )
-    stack = context_stack_impl.context_stack
-    previous = stack.current
-    stack.set_default_context(context)
-    return previous
+    _set_default_context(_context(stack_fn))
+
+
+def _install_closed_context() -> None:
+    """After the runtime stops, TFF calls fail loudly instead of starting an unowned worker."""
+
+    def stack_fn(cardinalities):
+        raise RuntimeError("no TFF runtime is running: execute inside local_runtime()")
+
+    _set_default_context(_context(stack_fn))
 
 
 @contextlib.contextmanager
 def local_runtime() -> Iterator[LocalWorker]:
-    """Context manager: a private, owned TFF worker installed as TFF's default context."""
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+    """Context manager: a private, owned TFF worker installed as TFF's default context.
 
+    TFF's own default context (which would start an unowned worker on first use) is replaced
+    for good; after the block, TFF computations raise until a new runtime is entered.
+    """
     worker = start_local_worker()
     atexit.register(worker.stop)  # backstop if the caller never leaves the `with`
     try:
-        previous = _install_context(worker.socket_path)
-        try:
-            yield worker
-        finally:
-            context_stack_impl.context_stack.set_default_context(previous)
+        _install_context(worker.socket_path)
+        yield worker
     finally:
+        _install_closed_context()
         worker.stop()
         atexit.unregister(worker.stop)

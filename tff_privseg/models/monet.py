@@ -14,7 +14,7 @@ Structure, following the PyTorch port used by the reference study (PrivateSegmen
         -> concat skip_l -> ConvNormElu(3) to f -> RDDC(f)
     head: Conv1x1 -> sigmoid (binary) or softmax (multiclass)
 
-    RDDC(x) ("repeated dilated dense-ish conv" block, dilations 4/3/2/1):
+    RDDC(x) (the paper's residual block of dilated convolutions, dilations 4/3/2/1):
         a = Drop(CNE_dil4(x));  b = Drop(CNE_dil3(a + x));  c = Drop(CNE_dil2(b))
         return x + CNE_dil1(c + b)          # Drop = SpatialDropout2D (Dropout2d), rate 0.2
 
@@ -22,12 +22,13 @@ With the defaults (depth 2, 16 -> 32 -> 64 filters, 256x256x1 input) this is the
 
 Deliberate differences from the PyTorch baseline:
   * Skip connections work here. In the baseline, ``forward`` tests ``key == "RDDC"`` and
-    ``key == "deconv"`` against ModuleDict keys named ``"Enc_RDDC_{i}"`` / ``"Dec_deconv_Before_{i}"``,
-    so the skips never fire and the baseline is effectively an encoder-decoder without skips (had
-    they fired, ``torch.cat(..., dim=-1)`` would also have concatenated along width, not channels).
-    ``skip_connections=False`` reproduces the baseline's effective graph (for comparisons).
+    ``key == "deconv"`` against ModuleDict keys named ``"Enc_RDDC_{i}"`` and
+    ``"Dec_deconv_Before_{i}"``, so the skips never fire and the baseline is effectively an
+    encoder-decoder without skips (had they fired, ``torch.cat(..., dim=-1)`` would also have
+    concatenated along width, not channels). ``skip_connections=False`` reproduces the
+    baseline's effective graph (for comparisons).
   * GroupNorm(min(groups, C)) everywhere, in training and inference; the baseline swaps its
-    BatchNorm for GroupNorm(min(32, C)) in DP training only. ``groups=32`` is the reference.
+    BatchNorm for GroupNorm(min(32, C)) only in training. ``groups=32`` is the reference.
   * The head is Conv1x1 with a bias, without the baseline's norm layer on the single output
     channel (GroupNorm over one channel would standardise every image's logit map to the same
     mean and variance, which forbids slices without foreground).

@@ -24,7 +24,9 @@ Accountant = Literal["rdp", "pld"]
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512]
 
 
-def dp_sgd_event(sampling_rate: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+def dp_sgd_event(
+    sampling_rate: float, noise_multiplier: float, steps: int
+) -> dp_accounting.DpEvent:
     """`steps` Poisson-subsampled Gaussian mechanisms (DP-SGD at one site, or DP-FedAvg)."""
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling_rate < 1.0:

@@ -1,0 +1,57 @@
+"""`tff-privseg privacy`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from cli.common import emit, handle_errors, json_option
+
+
+@click.command()
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config."
+)
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(file_okay=False),
+    help="Dataset root; overrides data.root (site sizes set the sampling rates).",
+)
+@click.option(
+    "--target-epsilon",
+    type=float,
+    help="Find the noise multiplier that reaches this ε after the configured rounds.",
+)
+@json_option
+@handle_errors
+def privacy(
+    config_path: str, data_root: str | None, target_epsilon: float | None, as_json: bool
+) -> None:
+    """ε(δ) that a config will spend, per site, before training (dp_accounting).
+
+    With --target-epsilon: the smallest noise multiplier that keeps every site within it.
+    """
+    from tff_privseg import config as config_lib
+    from tff_privseg.federated.train import load_training_data
+    from tff_privseg.privacy.planning import privacy_plan
+
+    cfg = config_lib.load(config_path)
+    sites = load_training_data(cfg, data_root, progress=False)
+    plan = privacy_plan(cfg, {s.name: len(s.train) for s in sites}, target_epsilon)
+    emit(plan, as_json, _print_plan)
+
+
+def _print_plan(p: dict[str, Any]) -> None:
+    if p["level"] == "none":
+        click.echo("privacy.level = none: no differential privacy (ε = ∞)")
+        return
+    click.echo(
+        f"level {p['level']}, accountant {p['accountant']}, δ = {p['delta']:g}, "
+        f"noise multiplier {p['noise_multiplier']:.4f}, clip {p['l2_norm_clip']:g}"
+    )
+    click.echo(f"{'unit':<16}{'q':>10}{'steps':>8}{'ε':>10}")
+    for name, u in p["units"].items():
+        click.echo(f"{name:<16}{u['sampling_rate']:>10.4f}{u['steps']:>8}{u['epsilon']:>10.3f}")
+    click.echo(f"ε = {p['epsilon']:.3f} (max over units) after {p['rounds']} rounds")

@@ -1,0 +1,57 @@
+"""Which examples each site uses in a round, and which sites take part.
+
+All randomness here is a pure function of (seed, round, site), so a resumed run re-draws exactly
+what an uninterrupted run draws. Poisson sampling is done here, in numpy, because it is what the
+accountant models exactly (each example joins each step independently with probability q).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+_PURPOSE = {"batches": 1, "sites": 2, "noise": 3, "augment": 4}
+
+
+def rng(seed: int, round_num: int, site: int, purpose: str) -> np.random.Generator:
+    return np.random.default_rng([seed, round_num, site, _PURPOSE[purpose]])
+
+
+def poisson_batches(n: int, q: float, steps: int, gen: np.random.Generator) -> list[np.ndarray]:
+    """`steps` index arrays; each index joins each batch independently with probability q."""
+    return [np.flatnonzero(gen.random(n) < q) for _ in range(steps)]
+
+
+def shuffled_batches(n: int, batch: int, steps: int, gen: np.random.Generator) -> list[np.ndarray]:
+    """`steps` batches of min(batch, n) indices, walking through reshuffled epochs."""
+    order = np.concatenate([gen.permutation(n) for _ in range(steps * batch // n + 1)])
+    size = min(batch, n)
+    return [order[i * size : (i + 1) * size] for i in range(steps)]
+
+
+def sample_sites(
+    num_sites: int, per_round: int, poisson: bool, gen: np.random.Generator
+) -> np.ndarray:
+    """Indices of the sites in a round: all, a uniform subset, or Poisson (site-level DP)."""
+    if per_round <= 0 or per_round >= num_sites:
+        return np.arange(num_sites)
+    if poisson:
+        return np.flatnonzero(gen.random(num_sites) < per_round / num_sites)
+    return np.sort(gen.choice(num_sites, per_round, replace=False))
+
+
+def batches_dataset(
+    images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray]
+) -> tf.data.Dataset:
+    """A dataset of variable-size batches: (x float32 [b,H,W,1], y int32 [b,H,W]) per step."""
+    index = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    lengths = np.array([len(b) for b in batches], np.int64)
+    x = tf.RaggedTensor.from_row_lengths(images[index].astype(np.float32), lengths)
+    y = tf.RaggedTensor.from_row_lengths(labels[index].astype(np.int32), lengths)
+    # Slices of a ragged-rank-1 tensor are dense; the identity map makes the spec say so.
+    return tf.data.Dataset.from_tensor_slices((x, y)).map(lambda a, b: (a, b))
+
+
+def noise_seed(run_key: int, round_num: int, site: int) -> np.ndarray:
+    """int64 [2]: the secret seed of a site's DP noise in a round (derived from the run key)."""
+    return rng(run_key, round_num, site, "noise").integers(0, 2**62, size=2, dtype=np.int64)

@@ -1,0 +1,411 @@
+"""The training driver: data -> TFF process rounds -> run directory.
+
+Run directory (`train --out RUN`):
+  config.toml      resolved config
+  metrics.jsonl    one object per round: round, loss, val_dice, epsilon, delta, seconds, ...
+  privacy.json     the privacy ledger: every number needed to recompute ε
+  checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
+  model.keras      final Keras model (probabilities out), and model.weights.h5
+  tensorboard/     scalars per round
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tff_privseg import config as config_lib
+from tff_privseg.config import Config
+from tff_privseg.data import SiteData, ensure_synthetic, load_sites
+from tff_privseg.errors import UserError
+from tff_privseg.federated import checkpoint, sampling
+from tff_privseg.losses import get_loss
+from tff_privseg.metrics import pooled_dice
+from tff_privseg.models import build_model
+from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
+
+
+@dataclass
+class RoundPlan:
+    """What one round does: participating sites, their batches and noise seeds."""
+
+    sites: list[int]
+    batches: dict[int, list[np.ndarray]]
+    seeds: dict[int, np.ndarray]
+
+    def steps(self, names: list[str]) -> dict[str, int]:
+        return {names[i]: len(self.batches[i]) for i in self.sites}
+
+
+def local_steps(cfg: Config, site_size: int) -> int:
+    t = cfg.train
+    if t.local_epochs > 0:
+        return t.local_epochs * math.ceil(site_size / t.batch_size)
+    return t.local_steps
+
+
+def sampling_rate(cfg: Config, site_size: int) -> float:
+    return min(1.0, cfg.train.batch_size / site_size)
+
+
+def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
+    p = cfg.privacy
+    ledger = PrivacyLedger(
+        level=p.level,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        l2_norm_clip=p.l2_norm_clip,
+        delta=p.delta,
+    )
+    if p.level == "sample":
+        for s in sites:
+            n = len(s.train)
+            ledger.units[s.name] = UnitLedger(sampling_rate(cfg, n), 0, n)
+    elif p.level == "site":
+        ledger.unit = "site"
+        q = sites_per_round(cfg, len(sites)) / len(sites)
+        ledger.units["federation"] = UnitLedger(q, 0, len(sites))
+    ledger.refresh()
+    return ledger
+
+
+def sites_per_round(cfg: Config, num_sites: int) -> int:
+    k = cfg.train.sites_per_round
+    return num_sites if k <= 0 or k >= num_sites else k
+
+
+def plan_round(cfg: Config, sites: list[SiteData], round_num: int, run_key: int) -> RoundPlan:
+    seed = cfg.train.seed
+    chosen = sampling.sample_sites(
+        len(sites),
+        cfg.train.sites_per_round,
+        poisson=cfg.privacy.level == "site",
+        gen=sampling.rng(seed, round_num, -1, "sites"),
+    )
+    batches, seeds = {}, {}
+    for i in chosen.tolist():
+        n = len(sites[i].train)
+        gen = sampling.rng(seed, round_num, i, "batches")
+        steps = local_steps(cfg, n)
+        if cfg.privacy.level == "sample":
+            batches[i] = sampling.poisson_batches(n, sampling_rate(cfg, n), steps, gen)
+        else:
+            batches[i] = sampling.shuffled_batches(n, cfg.train.batch_size, steps, gen)
+        seeds[i] = sampling.noise_seed(run_key, round_num, i)
+    return RoundPlan(chosen.tolist(), batches, seeds)
+
+
+def client_inputs(sites: list[SiteData], plan: RoundPlan) -> list[dict[str, tf.data.Dataset]]:
+    return [
+        {
+            "batches": sampling.batches_dataset(
+                sites[i].train.images, sites[i].train.labels, plan.batches[i]
+            ),
+            "seed": tf.data.Dataset.from_tensors(plan.seeds[i]),
+        }
+        for i in plan.sites
+    ]
+
+
+def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 32) -> float:
+    """Mean over sites of the pooled validation Dice (threshold 0.5)."""
+    scores = []
+    for s in sites:
+        if len(s.val) == 0:
+            continue
+        probs = model.predict(s.val.images, batch_size=batch, verbose=0)
+        scores.append(float(pooled_dice(probs, s.val.labels)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+class RunDir:
+    """Paths and writers of a run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metrics = path / "metrics.jsonl"
+        self.privacy = path / "privacy.json"
+        self.config = path / "config.toml"
+        self.checkpoints = path / "checkpoints"
+        self.model = path / "model.keras"
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def metrics_rows(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows of rounds that were never checkpointed (after a crash)."""
+        rows = [r for r in self.metrics_rows() if r["round"] <= last_round]
+        checkpoint.atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def prepare_run_dir(cfg: Config, out: Path, resume: bool) -> RunDir:
+    run = RunDir(out)
+    if resume:
+        if not run.config.exists():
+            raise UserError("nothing to resume: no config.toml", out)
+        saved = config_lib.load(run.config)
+        if saved.replace(**{"train.rounds": cfg.train.rounds}) != cfg:
+            raise UserError(
+                "--resume with a different config than the run's config.toml "
+                "(only train.rounds may change)",
+                out,
+            )
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(
+                "run directory exists and is not empty (use --resume or a new --out)", out
+            )
+        out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(run.config, config_lib.dumps(cfg))
+    return run
+
+
+def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
+    def model_fn() -> tf.keras.Model:
+        return build_model(
+            cfg.model, cfg.data.resolution, cfg.data.num_classes, seed=cfg.train.seed
+        )
+
+    return model_fn
+
+
+def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> list[SiteData]:
+    root = Path(data_root or cfg.data.root)
+    if data_root is None and cfg.data.root == config_lib.DataConfig().root:
+        ensure_synthetic(cfg.data, root)  # the embedded default data is built on first use
+    sites = load_sites(cfg.data, root, progress=progress)
+    for s in sites:
+        if len(s.train) == 0:
+            raise UserError(f"site '{s.name}' has no training slices", root / s.name)
+    return sites
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    data_root: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train per `cfg` into run directory `out`; returns the final summary."""
+    run = prepare_run_dir(cfg, Path(out), resume)
+    sites = load_training_data(cfg, data_root, progress)
+    if cfg.train.mode == "centralized":
+        return _train_centralized(cfg, run, sites, on_round)
+    from tff_privseg.federated.runtime import local_runtime
+
+    with local_runtime():
+        return _train_federated(cfg, run, sites, resume, progress, on_round)
+
+
+def _train_federated(
+    cfg: Config,
+    run: RunDir,
+    sites: list[SiteData],
+    resume: bool,
+    progress: bool,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    from tff_privseg.federated.client import DpSgdSpec
+    from tff_privseg.federated.process import build_process
+
+    names = [s.name for s in sites]
+    dp = None
+    if cfg.privacy.level == "sample":
+        dp = DpSgdSpec(cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size)
+    model_fn = _model_fn(cfg)
+    process = build_process(
+        cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp
+    )
+    state = process.initialize()
+    ledger, run_key, start = new_ledger(cfg, sites), secrets.randbits(62), 0
+    latest = checkpoint.latest(run.checkpoints) if resume else None
+    if latest is not None:
+        state, header = checkpoint.load(latest, state)
+        ledger = PrivacyLedger.from_json(header["ledger"])
+        run_key, start = header["run_key"], header["round"]
+        run.truncate_metrics(start)
+    elif resume:
+        run.truncate_metrics(0)
+    eval_model = model_fn()
+    writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+    stopped = None
+    rows = run.metrics_rows()
+    bar = _progress_bar(progress, start, cfg.train.rounds)
+    for r in range(start, cfg.train.rounds):
+        plan = plan_round(cfg, sites, r, run_key)
+        next_ledger = ledger.with_round(
+            plan.steps(names) if cfg.privacy.level == "sample" else {"federation": 1}
+        )
+        budget = cfg.privacy.target_epsilon
+        if budget > 0 and next_ledger.epsilon > budget:
+            stopped = (
+                f"stopped before round {r + 1}: ε would reach {next_ledger.epsilon:.3f} "
+                f"> target_epsilon {budget}"
+            )
+            break
+        t0 = time.perf_counter()
+        if plan.sites:
+            output = process.next(state, client_inputs(sites, plan))
+            state, metrics = output.state, output.metrics["client_work"]
+            examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
+        else:  # no site drawn this round: nothing released, the draw still counts (see ledger)
+            examples, loss_sum = 0, float("nan")
+        ledger = next_ledger
+        _assign(eval_model, process.get_model_weights(state).trainable)
+        row = {
+            "round": r + 1,
+            "loss": loss_sum / examples if examples else float("nan"),
+            "val_dice": validation_dice(eval_model, sites),
+            "epsilon": None if math.isinf(ledger.epsilon) else ledger.epsilon,
+            "delta": cfg.privacy.delta if cfg.privacy.level != "none" else None,
+            "seconds": time.perf_counter() - t0,
+            "examples": examples,
+            "sites": [names[i] for i in plan.sites],
+        }
+        run.append_metrics(row)
+        header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key}
+        checkpoint.save(run.checkpoints, r + 1, state, header)
+        checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+        _tensorboard(writer, row)
+        rows.append(row)
+        _advance(bar, row)
+        if on_round:
+            on_round(row)
+    if bar is not None:
+        bar.close()
+    if not run.privacy.exists():
+        checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+    _assign(eval_model, process.get_model_weights(state).trainable)
+    _save_model(eval_model, run)
+    return _summary(cfg, run, rows, ledger, stopped)
+
+
+def _train_centralized(
+    cfg: Config,
+    run: RunDir,
+    sites: list[SiteData],
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Upper bound: all sites' training slices pooled, plain Keras, same number of batches."""
+    images = np.concatenate([s.train.images for s in sites])
+    labels = np.concatenate([s.train.labels for s in sites])
+    model = _model_fn(cfg)()
+    loss_fn = get_loss(cfg.train.loss)
+    opt_cls = (
+        tf.keras.optimizers.Adam
+        if cfg.train.client_optimizer == "adam"
+        else tf.keras.optimizers.SGD
+    )
+    model.compile(
+        optimizer=opt_cls(cfg.train.client_lr), loss=lambda y, p: loss_fn(tf.cast(y, tf.int32), p)
+    )
+    steps = sum(local_steps(cfg, len(s.train)) for s in sites)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+        .shuffle(len(images), seed=cfg.train.seed)
+        .repeat()
+        .batch(cfg.train.batch_size)
+        .prefetch(2)
+    )
+    rows = []
+    writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+    for r in range(cfg.train.rounds):
+        t0 = time.perf_counter()
+        hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+        row = {
+            "round": r + 1,
+            "loss": float(hist.history["loss"][-1]),
+            "val_dice": validation_dice(model, sites),
+            "epsilon": None,
+            "delta": None,
+            "seconds": time.perf_counter() - t0,
+            "examples": steps * cfg.train.batch_size,
+            "sites": [s.name for s in sites],
+        }
+        run.append_metrics(row)
+        _tensorboard(writer, row)
+        rows.append(row)
+        if on_round:
+            on_round(row)
+    ledger = new_ledger(cfg, sites)
+    checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+    _save_model(model, run)
+    return _summary(cfg, run, rows, ledger, None)
+
+
+def _assign(model: tf.keras.Model, weights: list[np.ndarray]) -> None:
+    for var, value in zip(model.trainable_variables, weights, strict=True):
+        var.assign(value)
+
+
+def _save_model(model: tf.keras.Model, run: RunDir) -> None:
+    tmp = run.path / ".model.tmp.keras"
+    model.save(tmp)
+    tmp.replace(run.model)
+    model.save_weights(run.path / "model.weights.h5")
+
+
+def _tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    with writer.as_default():
+        for key in ("loss", "val_dice", "epsilon"):
+            if row.get(key) is not None and np.isfinite(row[key]):
+                tf.summary.scalar(key, row[key], step=row["round"])
+        writer.flush()
+
+
+def _progress_bar(enabled: bool, start: int, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, unit="round", file=sys.stderr, dynamic_ncols=True)
+
+
+def _advance(bar: Any, row: dict[str, Any]) -> None:
+    if bar is None:
+        return
+    eps = row["epsilon"]
+    bar.set_postfix(
+        loss=f"{row['loss']:.4f}",
+        val_dice=f"{row['val_dice']:.3f}",
+        eps="inf" if eps is None else f"{eps:.2f}",
+    )
+    bar.update(1)
+
+
+def _summary(
+    cfg: Config, run: RunDir, rows: list[dict[str, Any]], ledger: PrivacyLedger, stopped: str | None
+) -> dict[str, Any]:
+    last = rows[-1] if rows else {}
+    return {
+        "run_dir": str(run.path),
+        "rounds": last.get("round", 0),
+        "val_dice": last.get("val_dice"),
+        "best_val_dice": max(
+            (r["val_dice"] for r in rows if r["val_dice"] == r["val_dice"]), default=None
+        ),
+        "epsilon": None if math.isinf(ledger.epsilon) else ledger.epsilon,
+        "delta": cfg.privacy.delta if cfg.privacy.level != "none" else None,
+        "privacy": cfg.privacy.level,
+        "seconds": sum(r["seconds"] for r in rows),
+        "stopped": stopped,
+    }

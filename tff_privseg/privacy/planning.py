@@ -1,0 +1,63 @@
+"""ε before training, or the noise multiplier that reaches a target ε (dp_accounting)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tff_privseg.config import Config
+from tff_privseg.privacy.accounting import calibrate_noise, dp_sgd_event, epsilon
+
+
+def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[float, int]]:
+    """(sampling rate, steps) per accounting unit if every round runs.
+
+    Sample level: one unit per site, q = batch_size / n, steps = rounds × local steps (every
+    site assumed in every round: an upper bound when sites are sampled). Site level: one unit,
+    q = sites_per_round / sites, one step per round.
+    """
+    from tff_privseg.federated.train import local_steps, sampling_rate, sites_per_round
+
+    t = cfg.train
+    if cfg.privacy.level == "site":
+        k = sites_per_round(cfg, len(site_sizes))
+        return {"federation": (k / len(site_sizes), t.rounds)}
+    return {
+        name: (sampling_rate(cfg, n), t.rounds * local_steps(cfg, n))
+        for name, n in site_sizes.items()
+    }
+
+
+def privacy_plan(
+    cfg: Config, site_sizes: dict[str, int], target_epsilon: float | None = None
+) -> dict[str, Any]:
+    """ε per unit for `cfg`, or (with a target) the noise multiplier that reaches it."""
+    p = cfg.privacy
+    if p.level == "none":
+        return {"level": "none", "epsilon": None, "delta": None, "units": {}}
+    schedule = unit_schedule(cfg, site_sizes)
+    sigma = p.noise_multiplier
+    if target_epsilon:
+        # The unit with the highest rate and most steps binds: calibrate so that all fit.
+        sigma = max(
+            calibrate_noise(q, steps, target_epsilon, p.delta, p.accountant)
+            for q, steps in schedule.values()
+        )
+    units = {
+        name: {
+            "sampling_rate": q,
+            "steps": steps,
+            "epsilon": epsilon(dp_sgd_event(q, sigma, steps), p.delta, p.accountant),
+        }
+        for name, (q, steps) in schedule.items()
+    }
+    return {
+        "level": p.level,
+        "accountant": p.accountant,
+        "noise_multiplier": sigma,
+        "l2_norm_clip": p.l2_norm_clip,
+        "delta": p.delta,
+        "rounds": cfg.train.rounds,
+        "target_epsilon": target_epsilon,
+        "epsilon": max(u["epsilon"] for u in units.values()),
+        "units": units,
+    }
