@@ -14,7 +14,7 @@ import click
 from tff_privseg.errors import UserError
 
 # Keep TensorFlow's C++ start-up chatter off the user's terminal (set before TF is imported).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def json_option(fn: Callable) -> Callable:
@@ -39,6 +39,14 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+class Terminated(Exception):
+    """Raised in the main thread on SIGTERM so that every `finally` (worker shutdown) runs."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Turn UserError (and friends) into one line on stderr and exit code 2, no traceback."""
 
@@ -55,5 +63,23 @@ def handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("terminated", err=True)
+            sys.exit(143)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # an unexpected failure: still one line, the trace on --debug
+            if debug:
+                raise
+            click.echo(
+                f"error: {type(e).__name__}: {_first_line(e)} (--debug shows the traceback)",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"

@@ -7,15 +7,10 @@ import sys
 
 import click
 
-from cli import common  # noqa: F401  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
+from cli import common  # (also sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
 from cli.data import data
 from cli.privacy import privacy
 from cli.train import train
-
-
-def _sigterm_as_exit(signum: int, frame: object) -> None:
-    # Raise inside the main thread so every `finally` (worker shutdown, temp files) runs.
-    raise SystemExit(128 + signum)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,7 +29,7 @@ cli.add_command(privacy)
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _sigterm_as_exit)
+    signal.signal(signal.SIGTERM, common.raise_terminated)
     cli(prog_name="tff-privseg")
 
 

@@ -35,6 +35,9 @@ class DataConfig:
     """Where the sites' NIfTI files are and how they become 2D slices."""
 
     root: str = "data/synth"
+    # "synthetic": build the phantom dataset of [data.synth] at `root` when it is missing;
+    # "files": `root` must already hold the sites' NIfTI files.
+    source: Literal["synthetic", "files"] = "files"
     layout: Literal["auto", "msd", "images_labels"] = "auto"
     resolution: int = 64
     hu_window: tuple[float, float] = (-150.0, 200.0)

@@ -14,7 +14,8 @@ _PURPOSE = {"batches": 1, "sites": 2, "noise": 3, "augment": 4}
 
 
 def rng(seed: int, round_num: int, site: int, purpose: str) -> np.random.Generator:
-    return np.random.default_rng([seed, round_num, site, _PURPOSE[purpose]])
+    """Generator for (seed, round, site, purpose); site -1 means "the federation"."""
+    return np.random.default_rng([seed, round_num, site + 1, _PURPOSE[purpose]])
 
 
 def poisson_batches(n: int, q: float, steps: int, gen: np.random.Generator) -> list[np.ndarray]:

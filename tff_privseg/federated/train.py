@@ -188,7 +188,7 @@ def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
 
 def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> list[SiteData]:
     root = Path(data_root or cfg.data.root)
-    if data_root is None and cfg.data.root == config_lib.DataConfig().root:
+    if data_root is None and cfg.data.source == "synthetic":
         ensure_synthetic(cfg.data, root)  # the embedded default data is built on first use
     sites = load_sites(cfg.data, root, progress=progress)
     for s in sites:

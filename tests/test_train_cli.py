@@ -1,0 +1,148 @@
+"""End to end through the CLI, in subprocesses with pipes, as CI and users run it.
+
+Covers: the run directory contract, ε recomputed from privacy.json, kill-and-resume giving the
+same ε and round count, and that no TFF worker survives normal exit, Ctrl-C, SIGTERM or SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tff_privseg.privacy.accounting import epsilon_of_ledger
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+TAG = f"tff-privseg-test-{os.getpid()}"  # in the environment of every process we start
+
+
+def worker_pids() -> set[int]:
+    """TFF workers started (directly or not) by this test module's CLI processes."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+                env = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if b"worker_binary" in cmd and TAG.encode() in env and alive(int(proc.name)):
+                pids.add(int(proc.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TFF_PRIVSEG_TEST_TAG": TAG},
+    )
+
+
+def run_ok(*args: str, timeout: float = 300) -> dict:
+    proc = cli(*args, "--json", "--quiet")
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rounds_logged(run: Path) -> int:
+    metrics = run / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "data", "synth", "--out", str(root), "--sites", "3",
+         "--volumes-per-site", "4", "--seed", "1", "--shape", "48", "48", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_train_writes_the_run_directory_and_a_recomputable_epsilon(smoke_data, tmp_path):
+    run = tmp_path / "run"
+    summary = run_ok("train", "--config", str(SMOKE), "--data", str(smoke_data), "--out", str(run))
+    assert summary["rounds"] == 2
+    for name in ("config.toml", "metrics.jsonl", "privacy.json", "model.keras"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("loss", "val_dice", "epsilon", "delta", "seconds"):
+        assert key in rows[0]
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert ledger["level"] == "sample" and ledger["rounds"] == 2
+    assert set(ledger["steps"].values()) == {4}  # 2 rounds x 2 local steps per site
+    assert epsilon_of_ledger(ledger) == pytest.approx(summary["epsilon"], rel=1e-9)
+    assert rows[-1]["epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)
+    assert not worker_pids()  # no worker left behind
+
+
+def test_kill_mid_round_then_resume_gives_the_same_epsilon_and_rounds(smoke_data, tmp_path):
+    args = ["--config", str(SMOKE), "--data", str(smoke_data), "--rounds", "4"]
+    straight = run_ok("train", *args, "--out", str(tmp_path / "straight"))
+
+    run = tmp_path / "killed"
+    proc = cli("train", *args, "--out", str(run), "--quiet")
+    wait_for(lambda: rounds_logged(run) >= 1, 240, "the first round")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert rounds_logged(run) < 4
+
+    resumed = run_ok("train", *args, "--out", str(run), "--resume")
+    assert resumed["rounds"] == straight["rounds"] == 4
+    assert resumed["epsilon"] == straight["epsilon"]
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert ledger["rounds"] == 4
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
+        1, 2, 3, 4,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_survives_a_signal_and_the_pipe_closes(smoke_data, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = cli("train", "--config", str(SMOKE), "--data", str(smoke_data), "--out", str(run),
+               "--rounds", "50", "--quiet")  # fmt: skip
+    wait_for(worker_pids, 120, "the TFF worker to start")
+    ours = worker_pids()
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)  # returns only once every holder of the pipe is gone
+    assert proc.returncode != 0
+    wait_for(lambda: not any(alive(p) for p in ours), 10, "the worker to exit")
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1] in {"interrupted", "terminated"}
