@@ -31,6 +31,17 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Per-site training augmentation in tf.data (off by default). Ranges are symmetric."""
+
+    rotation: float = 0.0  # degrees
+    translate: float = 0.0  # fraction of the image size
+    scale: float = 0.0  # fraction, zoom in [1 - scale, 1 + scale]
+    noise_std: float = 0.0  # Gaussian noise std on the [0, 1] image
+    noise_prob: float = 0.0  # probability a slice gets noise
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the sites' NIfTI files are and how they become 2D slices."""
 
@@ -54,6 +65,7 @@ class DataConfig:
     split_seed: int = 42
     cache_dir: str = ""  # preprocessed-slice cache; "" = <root>/.cache
     synth: SynthConfig = field(default_factory=SynthConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -75,12 +87,18 @@ class TrainConfig:
     loss: Literal["dice", "dice_ce"] = "dice"
     client_optimizer: Literal["sgd", "adam"] = "adam"
     client_lr: float = 1e-3
+    # Client learning rate schedule over rounds: "constant", or "loglinear" from client_lr at
+    # round 1 to end_lr at the last round (the reference study's schedule).
+    lr_schedule: Literal["constant", "loglinear"] = "constant"
+    end_lr: float = 1e-4
+    beta1: float = 0.9  # Adam
+    beta2: float = 0.999  # Adam
+    weight_decay: float = 0.0  # decoupled (AdamW-style) weight decay of the client optimizer
     server_optimizer: Literal["sgd", "adam"] = "sgd"
     server_lr: float = 1.0
     sites_per_round: int = 0  # 0 = all sites every round
     weighting: Literal["uniform", "examples"] = "uniform"
     seed: int = 0
-    checkpoint_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,9 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2  # adaptive clipping
     clipped_count_stddev: float = 0.0  # adaptive clipping; 0 = max(sites_per_round / 20, σ)
     secure_aggregation: bool = False
+    # The privacy unit of sample-level DP: one slice, or one patient (all of its slices).
+    unit: Literal["slice", "patient"] = "slice"
+    slices_per_patient: int = 8  # patient unit: cap on slices drawn per patient and step
 
 
 @dataclass(frozen=True)
