@@ -1,31 +1,62 @@
-"""`tff-privseg`: the click group. Sub-commands live in their own modules and stay thin."""
+"""`tff-privseg`: the click group. Sub-commands live in their own modules and stay thin.
+
+Commands are imported on first use (LazyGroup), so `--help` and `data` never load TensorFlow.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import signal
 import sys
 
 import click
 
 from cli import common  # (also sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
-from cli.data import data
-from cli.privacy import privacy
-from cli.train import train
+
+# name -> "module:attribute"; a module that is not there yet simply hides its command.
+COMMANDS = {
+    "data": "cli.data:data",
+    "privacy": "cli.privacy:privacy",
+    "train": "cli.train:train",
+    "evaluate": "cli.evaluate:evaluate",
+    "predict": "cli.evaluate:predict",
+    "export": "cli.export:export",
+    "report": "cli.report:report",
+    "attack": "cli.attack:attack",
+    "audit": "cli.attack:audit",
+    "bench": "cli.bench:bench",
+    "worker": "cli.worker:worker",
+    "config": "cli.config_cmd:config",
+    "compare": "cli.compare:compare",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, target in COMMANDS.items() if _exists(target))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None or not _exists(target):
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _exists(target: str) -> bool:
+    return importlib.util.find_spec(target.split(":")[0]) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="tff_privseg")
 def cli(debug: bool) -> None:
     """Differentially private federated CT segmentation on TensorFlow Federated.
 
-    Typical flow: `data synth` (or `data example`) -> `data check` -> `privacy` -> `train`.
+    Typical flow: `data synth` (or `data example`) -> `data check` -> `privacy` -> `train`
+    -> `evaluate` / `export` / `attack`.
     """
-
-
-cli.add_command(data)
-cli.add_command(train)
-cli.add_command(privacy)
 
 
 def main() -> None:
