@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -13,8 +14,10 @@ import click
 
 from tff_privseg.errors import UserError
 
-# Keep TensorFlow's C++ start-up chatter off the user's terminal (set before TF is imported).
+# Keep TensorFlow's C++ start-up chatter and pfor fallback warnings off the user's terminal
+# (set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def json_option(fn: Callable) -> Callable:

@@ -33,13 +33,23 @@ def privacy(
 
     With --target-epsilon: the smallest noise multiplier that keeps every site within it.
     """
+    import numpy as np
+
     from tff_privseg import config as config_lib
-    from tff_privseg.federated.train import load_training_data
-    from tff_privseg.privacy.planning import privacy_plan
+    from tff_privseg.federated.train import load_training_data, records
+    from tff_privseg.privacy.planning import patient_view, privacy_plan
 
     cfg = config_lib.load(config_path)
     sites = load_training_data(cfg, data_root, progress=False)
-    plan = privacy_plan(cfg, {s.name: len(s.train) for s in sites}, target_epsilon)
+    plan = privacy_plan(cfg, {s.name: records(cfg, s) for s in sites}, target_epsilon)
+    if cfg.privacy.level == "sample" and cfg.privacy.unit == "slice":
+        counts = {s.name: np.bincount(s.train.volume_index) for s in sites}
+        plan["per_patient"] = patient_view(
+            cfg,
+            plan,
+            {n: int((c > 0).sum()) for n, c in counts.items()},
+            {n: int(c.max()) for n, c in counts.items()},
+        )
     emit(plan, as_json, _print_plan)
 
 
@@ -54,4 +64,19 @@ def _print_plan(p: dict[str, Any]) -> None:
     click.echo(f"{'unit':<16}{'q':>10}{'steps':>8}{'ε':>10}")
     for name, u in p["units"].items():
         click.echo(f"{name:<16}{u['sampling_rate']:>10.4f}{u['steps']:>8}{u['epsilon']:>10.3f}")
-    click.echo(f"ε = {p['epsilon']:.3f} (max over units) after {p['rounds']} rounds")
+    click.echo(
+        f"ε = {p['epsilon']:.3f} (max over units, unit = {p['unit']}) "
+        f"after {p['rounds']} rounds"
+    )
+    if "per_patient" in p:
+        click.echo("\nThe privacy unit is one slice. What that means for one patient:")
+        click.echo(
+            f"{'site':<16}{'slices/pt':>10}{'group ε':>10}{'group δ':>10}"
+            f"{'patient-level ε, same σ':>26}"
+        )
+        for name, v in p["per_patient"].items():
+            click.echo(
+                f"{name:<16}{v['slices_per_patient']:>10}{v['group_epsilon']:>10.1f}"
+                f"{v['group_delta']:>10.2g}{v['patient_level_epsilon']:>26.3f}"
+            )
+        click.echo('Set privacy.unit = "patient" to protect whole patients.')

@@ -44,7 +44,7 @@ def site_data(n: int, seed: int):
 def inputs(sites, batches, seeds=None):
     return [
         {
-            "batches": sampling.batches_dataset(x, y, b),
+            "batches": sampling.batches_dataset(x, y, b),  # slot weights 1
             "seed": tf.data.Dataset.from_tensors(np.array(seeds[i] if seeds else [0, i], np.int64)),
         }
         for i, ((x, y), b) in enumerate(zip(sites, batches, strict=True))

@@ -226,6 +226,16 @@ def validate(cfg: Config, source: str) -> None:
             "train.local_epochs",
             "sample-level DP draws Poisson batches: set train.local_steps instead",
         )
+    if t.weight_decay > 0 and t.client_optimizer != "adam":
+        bad("train.weight_decay", "is applied by AdamW: set train.client_optimizer = 'adam'")
+    if t.lr_schedule == "loglinear" and t.end_lr <= 0:
+        bad("train.end_lr", "must be > 0 for the log-linear schedule")
+    if p.unit == "patient" and p.level == "site":
+        bad(
+            "privacy.unit", "'patient' applies to sample-level DP (site level protects whole sites)"
+        )
+    if p.slices_per_patient < 1:
+        bad("privacy.slices_per_patient", "must be >= 1")
     if p.target_epsilon < 0:
         bad("privacy.target_epsilon", "must be >= 0")
     if p.clipping == "adaptive" and not 0 < p.target_quantile < 1:

@@ -22,17 +22,30 @@ from tff_privseg.federated.client import DpSgdSpec, build_client_update
 SECURE_SUM_BOUND = 1.0
 
 
-def tff_optimizer(name: str, lr: float) -> tff.learning.optimizers.Optimizer:
+def tff_optimizer(
+    name: str, lr: float, beta1: float = 0.9, beta2: float = 0.999, weight_decay: float = 0.0
+) -> tff.learning.optimizers.Optimizer:
+    """A TFF optimizer: Adam (AdamW when weight_decay > 0) or plain SGD."""
+    if name == "adam" and weight_decay > 0:
+        return tff.learning.optimizers.build_adamw(
+            learning_rate=lr, beta_1=beta1, beta_2=beta2, weight_decay=weight_decay
+        )
     if name == "adam":
-        return tff.learning.optimizers.build_adam(learning_rate=lr)
+        return tff.learning.optimizers.build_adam(learning_rate=lr, beta_1=beta1, beta_2=beta2)
     return tff.learning.optimizers.build_sgdm(learning_rate=lr)
 
 
+def client_optimizer(cfg: Config) -> tff.learning.optimizers.Optimizer:
+    t = cfg.train
+    return tff_optimizer(t.client_optimizer, t.client_lr, t.beta1, t.beta2, t.weight_decay)
+
+
 def client_data_type(resolution: int) -> tff.StructWithPythonType:
-    """Per-site input: Poisson/shuffled batches and the site's secret noise seed for the round."""
+    """Per-site input: batches (x, y, slot weight) and the site's secret noise seed."""
     batch = (
         tff.TensorType(np.float32, [None, resolution, resolution, 1]),
         tff.TensorType(np.int32, [None, resolution, resolution]),
+        tff.TensorType(np.float32, [None]),
     )
     return tff.StructWithPythonType(
         [
@@ -111,30 +124,34 @@ def build_process(
             trainable=[v.read_value() for v in model.trainable_variables], non_trainable=[]
         )
 
-    client_opt = tff_optimizer(cfg.train.client_optimizer, cfg.train.client_lr)
+    client_opt = client_optimizer(cfg)
+    lr_type = tff.TensorType(np.float32)
 
-    @tff.tensorflow.computation(weights_type, data_type)
-    def client_update(weights, data):
+    @tff.tensorflow.computation(weights_type, data_type, lr_type)
+    def client_update(weights, data, lr):
         update = build_client_update(model_fn, loss_fn, client_opt, dp_by_site)
         seed = data["seed"].reduce(tf.zeros([2], tf.int64), lambda _, s: s)
-        delta, examples, loss_sum = update(list(weights.trainable), data["batches"], seed)
+        delta, examples, loss_sum = update(list(weights.trainable), data["batches"], seed, lr)
         weight = (
             tf.cast(examples, tf.float32) if cfg.train.weighting == "examples" else tf.constant(1.0)
         )
         metrics = collections.OrderedDict(examples=examples, loss_sum=loss_sum)
         return tff.learning.templates.ClientResult(update=delta, update_weight=weight), metrics
 
+    # The client work's state is the client learning rate of the round: the driver sets it
+    # (log-linear schedule) and TFF broadcasts it to the sites.
     @tff.federated_computation
     def client_init():
-        return tff.federated_value((), tff.SERVER)
+        return tff.federated_value(np.float32(cfg.train.client_lr), tff.SERVER)
 
     @tff.federated_computation(
-        client_init.type_signature.result,
+        tff.FederatedType(lr_type, tff.SERVER),
         tff.FederatedType(weights_type, tff.CLIENTS),
         tff.FederatedType(data_type, tff.CLIENTS),
     )
     def client_next(state, weights, data):
-        results, metrics = tff.federated_map(client_update, (weights, data))
+        lr = tff.federated_broadcast(state)
+        results, metrics = tff.federated_map(client_update, (weights, data, lr))
         train = collections.OrderedDict(
             examples=tff.federated_sum(metrics.examples),
             loss_sum=tff.federated_sum(metrics.loss_sum),

@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from tff_privseg.config import AugmentConfig
+from tff_privseg.data.augment import augment_batch, enabled
+
 _PURPOSE = {"batches": 1, "sites": 2, "noise": 3, "augment": 4}
 
 
@@ -41,16 +44,64 @@ def sample_sites(
     return np.sort(gen.choice(num_sites, per_round, replace=False))
 
 
+def poisson_patient_batches(
+    patient_of_slice: np.ndarray, q: float, slots: int, steps: int, gen: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Patient-level Poisson batches: each patient joins each step with probability q.
+
+    A sampled patient contributes `slots` slice slots: `slots` of its slices drawn without
+    replacement, or all of them padded with weight-0 slots. Returns (index arrays [P·slots],
+    slot weights [P·slots]) per step.
+    """
+    patients = np.unique(patient_of_slice)
+    members = {p: np.flatnonzero(patient_of_slice == p) for p in patients.tolist()}
+    batches, weights = [], []
+    for _ in range(steps):
+        chosen = patients[gen.random(len(patients)) < q]
+        idx, wts = [], []
+        for p in chosen.tolist():
+            own = members[p]
+            take = gen.choice(own, min(slots, len(own)), replace=False)
+            pad = slots - len(take)
+            idx.append(np.concatenate([take, np.full(pad, own[0])]))
+            wts.append(np.concatenate([np.ones(len(take)), np.zeros(pad)]))
+        batches.append(np.concatenate(idx).astype(np.int64) if idx else np.zeros(0, np.int64))
+        weights.append(np.concatenate(wts).astype(np.float32) if wts else np.zeros(0, np.float32))
+    return batches, weights
+
+
 def batches_dataset(
-    images: np.ndarray, labels: np.ndarray, batches: list[np.ndarray]
+    images: np.ndarray,
+    labels: np.ndarray,
+    batches: list[np.ndarray],
+    weights: list[np.ndarray] | None = None,
+    augment: AugmentConfig | None = None,
+    seed: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """A dataset of variable-size batches: (x float32 [b,H,W,1], y int32 [b,H,W]) per step."""
+    """Variable-size batches (x float32 [b,H,W,1], y int32 [b,H,W], w float32 [b]) per step.
+
+    weights: slot weights per batch (default 1). augment: per-site augmentation, seeded by
+    `seed` (int64 [2]) and the step number.
+    """
     index = np.concatenate(batches) if batches else np.zeros(0, np.int64)
     lengths = np.array([len(b) for b in batches], np.int64)
+    if weights is None:
+        weights = [np.ones(len(b), np.float32) for b in batches]
+    w_flat = np.concatenate(weights).astype(np.float32) if weights else np.zeros(0, np.float32)
     x = tf.RaggedTensor.from_row_lengths(images[index].astype(np.float32), lengths)
     y = tf.RaggedTensor.from_row_lengths(labels[index].astype(np.int32), lengths)
+    w = tf.RaggedTensor.from_row_lengths(w_flat, lengths)
     # Slices of a ragged-rank-1 tensor are dense; the identity map makes the spec say so.
-    return tf.data.Dataset.from_tensor_slices((x, y)).map(lambda a, b: (a, b))
+    ds = tf.data.Dataset.from_tensor_slices((x, y, w)).map(lambda a, b, c: (a, b, c))
+    if augment is not None and enabled(augment):
+        base = tf.constant(np.zeros(2, np.int64) if seed is None else seed, tf.int64)
+        steps = tf.data.Dataset.range(len(batches))
+        ds = tf.data.Dataset.zip((ds, steps)).map(
+            lambda batch, i: augment_batch(
+                *batch, tf.random.experimental.stateless_fold_in(base, i), augment
+            )
+        )
+    return ds
 
 
 def noise_seed(run_key: int, round_num: int, site: int) -> np.ndarray:

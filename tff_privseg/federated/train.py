@@ -37,10 +37,12 @@ from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
 
 @dataclass
 class RoundPlan:
-    """What one round does: participating sites, their batches and noise seeds."""
+    """What one round does: participating sites, their batches (and slot weights), seeds."""
 
+    round_num: int
     sites: list[int]
     batches: dict[int, list[np.ndarray]]
+    weights: dict[int, list[np.ndarray] | None]
     seeds: dict[int, np.ndarray]
 
     def steps(self, names: list[str]) -> dict[str, int]:
@@ -54,8 +56,29 @@ def local_steps(cfg: Config, site_size: int) -> int:
     return t.local_steps
 
 
-def sampling_rate(cfg: Config, site_size: int) -> float:
-    return min(1.0, cfg.train.batch_size / site_size)
+def sampling_rate(cfg: Config, records: int) -> float:
+    """Poisson rate q = batch_size / records (records: slices, or patients for unit=patient)."""
+    return min(1.0, cfg.train.batch_size / records)
+
+
+def patient_unit(cfg: Config) -> bool:
+    return cfg.privacy.level == "sample" and cfg.privacy.unit == "patient"
+
+
+def records(cfg: Config, site: SiteData) -> int:
+    """Privacy records at a site: training slices, or training patients."""
+    if patient_unit(cfg):
+        return len(np.unique(site.train.volume_index))
+    return len(site.train)
+
+
+def client_lr(cfg: Config, round_num: int) -> float:
+    """Client learning rate of a round (0-based): constant, or log-linear client_lr -> end_lr."""
+    t = cfg.train
+    if t.lr_schedule == "constant" or t.rounds == 1:
+        return t.client_lr
+    frac = round_num / (t.rounds - 1)
+    return float(t.client_lr * (t.end_lr / t.client_lr) ** frac)
 
 
 def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
@@ -68,8 +91,9 @@ def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
         delta=p.delta,
     )
     if p.level == "sample":
+        ledger.unit = p.unit
         for s in sites:
-            n = len(s.train)
+            n = records(cfg, s)
             ledger.units[s.name] = UnitLedger(sampling_rate(cfg, n), 0, n)
     elif p.level == "site":
         ledger.unit = "site"
@@ -92,29 +116,45 @@ def plan_round(cfg: Config, sites: list[SiteData], round_num: int, run_key: int)
         poisson=cfg.privacy.level == "site",
         gen=sampling.rng(seed, round_num, -1, "sites"),
     )
-    batches, seeds = {}, {}
+    batches, weights, seeds = {}, {}, {}
     for i in chosen.tolist():
-        n = len(sites[i].train)
+        site = sites[i]
         gen = sampling.rng(seed, round_num, i, "batches")
-        steps = local_steps(cfg, n)
-        if cfg.privacy.level == "sample":
-            batches[i] = sampling.poisson_batches(n, sampling_rate(cfg, n), steps, gen)
+        steps = local_steps(cfg, len(site.train))
+        q = sampling_rate(cfg, records(cfg, site))
+        weights[i] = None
+        if patient_unit(cfg):
+            batches[i], weights[i] = sampling.poisson_patient_batches(
+                site.train.volume_index, q, cfg.privacy.slices_per_patient, steps, gen
+            )
+        elif cfg.privacy.level == "sample":
+            batches[i] = sampling.poisson_batches(len(site.train), q, steps, gen)
         else:
-            batches[i] = sampling.shuffled_batches(n, cfg.train.batch_size, steps, gen)
+            batches[i] = sampling.shuffled_batches(
+                len(site.train), cfg.train.batch_size, steps, gen
+            )
         seeds[i] = sampling.noise_seed(run_key, round_num, i)
-    return RoundPlan(chosen.tolist(), batches, seeds)
+    return RoundPlan(round_num, chosen.tolist(), batches, weights, seeds)
 
 
-def client_inputs(sites: list[SiteData], plan: RoundPlan) -> list[dict[str, tf.data.Dataset]]:
-    return [
-        {
-            "batches": sampling.batches_dataset(
-                sites[i].train.images, sites[i].train.labels, plan.batches[i]
-            ),
-            "seed": tf.data.Dataset.from_tensors(plan.seeds[i]),
-        }
-        for i in plan.sites
-    ]
+def client_inputs(
+    cfg: Config, sites: list[SiteData], plan: RoundPlan
+) -> list[dict[str, tf.data.Dataset]]:
+    inputs = []
+    for i in plan.sites:
+        augment_seed = sampling.rng(cfg.train.seed, plan.round_num, i, "augment").integers(
+            0, 2**62, size=2, dtype=np.int64
+        )
+        batches = sampling.batches_dataset(
+            sites[i].train.images,
+            sites[i].train.labels,
+            plan.batches[i],
+            plan.weights[i],
+            augment=cfg.data.augment,
+            seed=augment_seed,
+        )
+        inputs.append({"batches": batches, "seed": tf.data.Dataset.from_tensors(plan.seeds[i])})
+    return inputs
 
 
 def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 32) -> float:
@@ -230,7 +270,10 @@ def _train_federated(
     names = [s.name for s in sites]
     dp = None
     if cfg.privacy.level == "sample":
-        dp = DpSgdSpec(cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size)
+        group = cfg.privacy.slices_per_patient if patient_unit(cfg) else 1
+        dp = DpSgdSpec(
+            cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size, group
+        )
     model_fn = _model_fn(cfg)
     process = build_process(
         cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp
@@ -263,8 +306,9 @@ def _train_federated(
             )
             break
         t0 = time.perf_counter()
+        state = state._replace(client_work=np.float32(client_lr(cfg, r)))
         if plan.sites:
-            output = process.next(state, client_inputs(sites, plan))
+            output = process.next(state, client_inputs(cfg, sites, plan))
             state, metrics = output.state, output.metrics["client_work"]
             examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
         else:  # no site drawn this round: nothing released, the draw still counts (see ledger)
@@ -310,14 +354,12 @@ def _train_centralized(
     labels = np.concatenate([s.train.labels for s in sites])
     model = _model_fn(cfg)()
     loss_fn = get_loss(cfg.train.loss)
-    opt_cls = (
-        tf.keras.optimizers.Adam
-        if cfg.train.client_optimizer == "adam"
-        else tf.keras.optimizers.SGD
-    )
-    model.compile(
-        optimizer=opt_cls(cfg.train.client_lr), loss=lambda y, p: loss_fn(tf.cast(y, tf.int32), p)
-    )
+    t = cfg.train
+    if t.client_optimizer == "adam":
+        optimizer = tf.keras.optimizers.Adam(t.client_lr, beta_1=t.beta1, beta_2=t.beta2)
+    else:
+        optimizer = tf.keras.optimizers.SGD(t.client_lr)
+    model.compile(optimizer=optimizer, loss=lambda y, p: loss_fn(tf.cast(y, tf.int32), p))
     steps = sum(local_steps(cfg, len(s.train)) for s in sites)
     ds = (
         tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
@@ -326,11 +368,19 @@ def _train_centralized(
         .batch(cfg.train.batch_size)
         .prefetch(2)
     )
+    schedule = tf.keras.callbacks.LearningRateScheduler(lambda epoch: client_lr(cfg, epoch))
     rows = []
     writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
     for r in range(cfg.train.rounds):
         t0 = time.perf_counter()
-        hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+        hist = model.fit(
+            ds,
+            steps_per_epoch=steps,
+            initial_epoch=r,
+            epochs=r + 1,
+            callbacks=[schedule],
+            verbose=0,
+        )
         row = {
             "round": r + 1,
             "loss": float(hist.history["loss"][-1]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tff_privseg.config import Config
@@ -9,6 +10,7 @@ from tff_privseg.privacy.accounting import calibrate_noise, dp_sgd_event, epsilo
 
 
 def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[float, int]]:
+    # site_sizes: privacy records per site (slices, or patients when privacy.unit = "patient")
     """(sampling rate, steps) per accounting unit if every round runs.
 
     Sample level: one unit per site, q = batch_size / n, steps = rounds × local steps (every
@@ -25,6 +27,38 @@ def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[fl
         name: (sampling_rate(cfg, n), t.rounds * local_steps(cfg, n))
         for name, n in site_sizes.items()
     }
+
+
+def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:
+    """(ε, δ) for a group of k records from (ε, δ)-DP for one: (kε, k·e^{(k-1)ε}·δ)."""
+    return k * eps, min(1.0, k * math.exp((k - 1) * eps) * delta)
+
+
+def patient_view(
+    cfg: Config, slice_plan: dict[str, Any], patients: dict[str, int], max_slices: dict[str, int]
+) -> dict[str, Any]:
+    """What a slice-level guarantee means per patient, beside patient-level DP at the same noise.
+
+    patients / max_slices: training patients per site and the most slices any one of them has.
+    """
+    out = {}
+    for name, unit in slice_plan["units"].items():
+        k = max_slices[name]
+        eps_g, delta_g = group_privacy(unit["epsilon"], cfg.privacy.delta, k)
+        q = min(1.0, cfg.train.batch_size / patients[name])
+        eps_p = epsilon(
+            dp_sgd_event(q, slice_plan["noise_multiplier"], unit["steps"]),
+            cfg.privacy.delta,
+            cfg.privacy.accountant,
+        )
+        out[name] = {
+            "slices_per_patient": k,
+            "group_epsilon": eps_g,
+            "group_delta": delta_g,
+            "patient_level_epsilon": eps_p,
+            "patient_sampling_rate": q,
+        }
+    return out
 
 
 def privacy_plan(
@@ -52,6 +86,7 @@ def privacy_plan(
     }
     return {
         "level": p.level,
+        "unit": "site" if p.level == "site" else p.unit,
         "accountant": p.accountant,
         "noise_multiplier": sigma,
         "l2_norm_clip": p.l2_norm_clip,

@@ -1,0 +1,177 @@
+"""Find the sites under a dataset root and the CT/label file pairs of each site.
+
+A root folder holds one sub-folder per site (hidden folders such as ``.cache`` are skipped).
+A site is either in Medical Segmentation Decathlon layout::
+
+    SITE/dataset.json     {"labels": {"0": "background", ...},
+                           "training": [{"image": "./imagesTr/x.nii.gz",
+                                         "label": "./labelsTr/x.nii.gz"}, ...]}
+    SITE/imagesTr/  SITE/labelsTr/
+
+(without ``dataset.json``, ``imagesTr``/``labelsTr`` are matched by file name), or::
+
+    SITE/images/*.nii(.gz)   SITE/labels/*.nii(.gz)     matched by file name.
+
+The case id is the file name without ``.nii``/``.nii.gz`` (and without an nnU-Net ``_0000``
+channel suffix). A case id may occur at one site only: one patient, one hospital.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from tff_privseg.errors import UserError
+
+Layout = Literal["auto", "msd", "images_labels"]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    site: str
+    case: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    name: str
+    path: Path
+    layout: Literal["msd", "images_labels"]
+    cases: tuple[CaseFiles, ...]
+    # Class names declared by dataset.json ({} when there is none): {0: "background", ...}.
+    labels: dict[int, str] = field(default_factory=dict)
+
+
+def case_id(path: Path) -> str | None:
+    """``liver_3.nii.gz`` -> ``liver_3``; None for files that are not NIfTI."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            stem = name[: -len(suffix)]
+            return stem[:-5] if stem.endswith("_0000") else stem
+    return None
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    """Case id -> file, for the visible NIfTI files of a folder (macOS ``._x`` files skipped)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        cid = case_id(path)
+        if cid is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if cid in found:
+            raise UserError(f"two files for case '{cid}' ({found[cid].name})", path)
+        found[cid] = path
+    return found
+
+
+def _pair_by_name(site: Path, images_dir: Path, labels_dir: Path) -> list[CaseFiles]:
+    images, labels = _nifti_files(images_dir), _nifti_files(labels_dir)
+    for cid, path in images.items():
+        if cid not in labels:
+            raise UserError(f"image has no label (expected it in {labels_dir.name}/)", path)
+    for cid, path in labels.items():
+        if cid not in images:
+            raise UserError(f"label has no image (expected it in {images_dir.name}/)", path)
+    return [CaseFiles(site.name, cid, images[cid], labels[cid]) for cid in sorted(images)]
+
+
+def _declared_labels(raw: object, path: Path) -> dict[int, str]:
+    """MSD ``{"0": "background"}`` or nnU-Net v2 ``{"background": 0}`` -> {0: "background"}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError('"labels" must be an object of class id -> name', path)
+    out: dict[int, str] = {}
+    for key, value in raw.items():
+        if str(key).lstrip("-").isdigit():
+            out[int(key)] = str(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[value] = str(key)
+    return out
+
+
+def _read_msd(site: Path) -> SiteFiles:
+    meta = site / "dataset.json"
+    if not meta.is_file():
+        if (site / "imagesTr").is_dir() and (site / "labelsTr").is_dir():
+            cases = _pair_by_name(site, site / "imagesTr", site / "labelsTr")
+            return SiteFiles(site.name, site, "msd", tuple(cases))
+        raise UserError("no dataset.json (and no imagesTr/ + labelsTr/) in this site", site)
+    try:
+        spec = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON ({e})", meta) from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("training"), list):
+        raise UserError('needs a "training" list of {"image": ..., "label": ...}', meta)
+    cases: dict[str, CaseFiles] = {}
+    for i, entry in enumerate(spec["training"]):
+        if not isinstance(entry, dict) or not {"image", "label"} <= entry.keys():
+            raise UserError(f'training[{i}] needs "image" and "label"', meta)
+        image, label = site / entry["image"], site / entry["label"]
+        for path in (image, label):
+            if not path.is_file():
+                raise UserError(f"file listed in dataset.json (training[{i}]) is missing", path)
+        cid = case_id(image)
+        if cid is None:
+            raise UserError(f"training[{i}] image is not a .nii/.nii.gz file", meta)
+        if cid in cases:
+            raise UserError(f"case '{cid}' is listed twice in training", meta)
+        cases[cid] = CaseFiles(site.name, cid, image, label)
+    labels = _declared_labels(spec.get("labels"), meta)
+    return SiteFiles(site.name, site, "msd", tuple(cases[c] for c in sorted(cases)), labels)
+
+
+def _read_images_labels(site: Path) -> SiteFiles:
+    if not ((site / "images").is_dir() and (site / "labels").is_dir()):
+        raise UserError("expected images/ and labels/ folders in this site", site)
+    return SiteFiles(
+        site.name,
+        site,
+        "images_labels",
+        tuple(_pair_by_name(site, site / "images", site / "labels")),
+    )
+
+
+def _detect(site: Path) -> Literal["msd", "images_labels"]:
+    if (site / "dataset.json").is_file() or (site / "imagesTr").is_dir():
+        return "msd"
+    if (site / "images").is_dir():
+        return "images_labels"
+    raise UserError("empty site: no dataset.json, imagesTr/ or images/ + labels/ found", site)
+
+
+def discover_sites(root: str | Path, layout: Layout = "auto") -> list[SiteFiles]:
+    """All sites under ``root`` (sorted by name), each with its cases (sorted by case id)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError("dataset folder not found" if not root.exists() else "not a folder", root)
+    if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir():
+        raise UserError(
+            "this folder is itself one site; pass the folder that holds the site folders", root
+        )
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError("no site folders found (expected one sub-folder per site)", root)
+    sites: list[SiteFiles] = []
+    seen: dict[str, str] = {}
+    for folder in folders:
+        kind = _detect(folder) if layout == "auto" else layout
+        site = _read_msd(folder) if kind == "msd" else _read_images_labels(folder)
+        if not site.cases:
+            raise UserError("empty site: no CT/label pairs found", folder)
+        for case in site.cases:
+            if case.case in seen:
+                raise UserError(
+                    f"case '{case.case}' is also at site '{seen[case.case]}'; "
+                    "a patient may belong to one site only",
+                    case.image,
+                )
+            seen[case.case] = site.name
+        sites.append(site)
+    return sites

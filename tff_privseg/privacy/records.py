@@ -1,0 +1,55 @@
+"""DP-SGD where one privacy record is a group of slices: a patient.
+
+A batch holds P sampled patients × k slice slots each (x [P·k, H, W, 1]); slot weights w [P·k]
+are 1 for a real slice and 0 for padding (a patient with fewer than k slices). The record loss of
+patient p is the weighted mean of its slices' losses; its gradient is clipped to L2 norm C as ONE
+record, so a patient's total influence on a step is at most C however many slices it has.
+Per-record gradients come from `tape.jacobian` of the record-loss vector [P] (pfor-vectorised over
+patients: no Python loop over patients or slices).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
+
+from tff_privseg.privacy.dp_sgd import LossFn, clip_and_sum
+
+
+def record_losses(losses: tf.Tensor, weights: tf.Tensor, group: int) -> tf.Tensor:
+    """[P·k] example losses and slot weights -> [P] weighted mean loss per record."""
+    per = tf.reshape(losses * weights, [-1, group])
+    count = tf.reshape(weights, [-1, group])
+    return tf.reduce_sum(per, axis=1) / tf.maximum(tf.reduce_sum(count, axis=1), 1.0)
+
+
+def record_dp_gradient(
+    model: tf.keras.Model,
+    loss_fn: LossFn,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    weights: tf.Tensor,
+    group: int,
+    query: GaussianSumQuery,
+    expected_records: float,
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """Noised mean gradient over records (clip each record to C, sum, noise, / q·N).
+
+    Returns the gradient per trainable variable and the sum of the record losses.
+    """
+    global_state = query.initial_global_state()
+    clip = query.derive_sample_params(global_state)
+    variables = model.trainable_variables
+
+    def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
+        with tf.GradientTape() as tape:
+            losses = record_losses(loss_fn(y, model(x, training=True)), weights, group)
+        jac = tape.jacobian(losses, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return clip_and_sum(jac, clip), tf.reduce_sum(losses)
+
+    def nothing() -> tuple[list[tf.Tensor], tf.Tensor]:
+        return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
+
+    summed, loss_sum = tf.cond(tf.shape(x)[0] > 0, clipped_sum, nothing)
+    noised, _, _ = query.get_noised_result(summed, global_state)
+    return [g / expected_records for g in noised], loss_sum
