@@ -14,7 +14,10 @@ def test_pinned_versions():
     assert tf.__version__ == "2.14.1"
     assert tff.__version__ == "0.87.0"
     assert tensorflow_privacy.__version__ == "0.9.0"
-    assert tf.keras.__version__.startswith("2.14")  # Keras 2, never Keras 3
+    import keras
+
+    assert keras.__version__.startswith("2.14")  # Keras 2, never Keras 3
+    assert tf.keras.optimizers.legacy.Adam  # what tf-privacy's DP optimizers need
     assert np.__version__.startswith("1.2")
     assert dp_accounting.GaussianDpEvent(1.0).noise_multiplier == 1.0
 
