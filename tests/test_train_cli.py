@@ -146,3 +146,16 @@ def test_no_worker_survives_a_signal_and_the_pipe_closes(smoke_data, tmp_path, s
     if sig != signal.SIGKILL:
         assert "Traceback" not in err
         assert err.strip().splitlines()[-1] in {"interrupted", "terminated"}
+
+
+def test_target_epsilon_stops_before_the_round_that_would_exceed_it(smoke_data, tmp_path):
+    from tff_privseg import config as config_lib
+
+    cfg = config_lib.load(SMOKE).replace(**{"privacy.target_epsilon": 4.5, "train.rounds": 5})
+    path = tmp_path / "budget.toml"
+    config_lib.save(cfg, path)
+    summary = run_ok("train", "--config", str(path), "--data", str(smoke_data),
+                     "--out", str(tmp_path / "run"))  # fmt: skip
+    assert summary["rounds"] == 1  # round 1 spends ε ≈ 3.9; round 2 would reach ≈ 4.9
+    assert summary["epsilon"] <= 4.5
+    assert "target_epsilon" in summary["stopped"]
