@@ -144,6 +144,9 @@ def _set_default_context(context: object) -> None:
     context_stack_impl.context_stack.set_default_context(context)
 
 
+_ACTIVE: list[object] = []  # our live contexts, innermost last (runtimes may nest)
+
+
 def _install_context(socket_path: str, default_num_clients: int = 0) -> None:
     """Make TFF execute on the worker behind `socket_path`."""
     import grpc
@@ -163,7 +166,9 @@ def _install_context(socket_path: str, default_num_clients: int = 0) -> None:
         executor.set_cardinalities(cardinalities)
         return executor
 
-    _set_default_context(_context(stack_fn))
+    context = _context(stack_fn)
+    _ACTIVE.append(context)
+    _set_default_context(context)
 
 
 def _install_closed_context() -> None:
@@ -180,14 +185,20 @@ def local_runtime() -> Iterator[LocalWorker]:
     """Context manager: a private, owned TFF worker installed as TFF's default context.
 
     TFF's own default context (which would start an unowned worker on first use) is replaced
-    for good; after the block, TFF computations raise until a new runtime is entered.
+    for good; after the outermost block, TFF computations raise until a new runtime is entered.
+    Runtimes nest: leaving an inner one hands TFF back to the enclosing one.
     """
     worker = start_local_worker()
     atexit.register(worker.stop)  # backstop if the caller never leaves the `with`
+    depth = len(_ACTIVE)
     try:
         _install_context(worker.socket_path)
         yield worker
     finally:
-        _install_closed_context()
+        del _ACTIVE[depth:]
+        if _ACTIVE:  # an enclosing runtime is still running: give TFF back to it
+            _set_default_context(_ACTIVE[-1])
+        else:
+            _install_closed_context()
         worker.stop()
         atexit.unregister(worker.stop)
