@@ -43,6 +43,16 @@ from cli.common import emit, handle_errors, json_option
     help="Continue the run in --out from its last complete round (same config).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--workers",
+    metavar="HOST:PORT,...",
+    help="Run the federated computation on remote `tff-privseg worker`s (mutual TLS).",
+)
+@click.option(
+    "--tls-dir",
+    type=click.Path(file_okay=False),
+    help="Coordinator credentials for --workers: client.pem, client.key, ca.pem.",
+)
 @json_option
 @handle_errors
 def train(
@@ -54,12 +64,15 @@ def train(
     privacy_level: str | None,
     resume: bool,
     quiet: bool,
+    workers: str | None,
+    tls_dir: str | None,
     as_json: bool,
 ) -> None:
     """Train a segmentation model across sites with TFF (and DP), into a run directory.
 
     Writes RUN/config.toml, metrics.jsonl (one line per round), privacy.json (the ledger:
-    recompute ε from it), checkpoints/ (resume with --resume), model.keras and TensorBoard logs.
+    recompute ε from it), checkpoints/ (resume with --resume), model.keras and TensorBoard logs,
+    and appends a row to completed_trainings.csv beside RUN (the PyTorch baseline's format).
     A progress bar shows loss, validation Dice and ε per round.
     """
     from pathlib import Path
@@ -76,7 +89,15 @@ def train(
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
     out = out or f"runs/{Path(config_path).stem}-{cfg.digest()}"
-    summary = run_training(cfg, out, data_root=data_root, resume=resume, progress=not quiet)
+    summary = run_training(
+        cfg,
+        out,
+        data_root=data_root,
+        resume=resume,
+        progress=not quiet,
+        workers=workers,
+        tls_dir=tls_dir,
+    )
     emit(summary, as_json, _print_summary)
 
 
@@ -89,3 +110,4 @@ def _print_summary(s: dict[str, Any]) -> None:
     click.echo(f"rounds:     {s['rounds']}  ({s['seconds']:.1f} s)")
     click.echo(f"val Dice:   {dice}")
     click.echo(f"privacy:    {s['privacy']}, ε = {eps}")
+    click.echo(f"logged to:  {s['completed_trainings_csv']}")
