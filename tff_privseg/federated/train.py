@@ -227,6 +227,7 @@ def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
 
 
 def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> list[SiteData]:
+    """The sites of `data_root` (default cfg.data.root; synthetic data is built if missing)."""
     root = Path(data_root or cfg.data.root)
     if data_root is None and cfg.data.source == "synthetic":
         ensure_synthetic(cfg.data, root)  # the embedded default data is built on first use
@@ -244,15 +245,23 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    workers: str | list[str] | None = None,
+    tls_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train per `cfg` into run directory `out`; returns the final summary."""
+    """Train per `cfg` into run directory `out`; returns the final summary.
+
+    workers: remote TFF workers ('HOST:PORT,...', `tff-privseg worker`), reached over mutual
+    TLS with the coordinator credentials in `tls_dir`; None runs on a private local worker.
+    """
+    if data_root is not None:  # record where the data really was (evaluate reads it back)
+        cfg = cfg.replace(**{"data.root": str(Path(data_root).resolve())})
     run = prepare_run_dir(cfg, Path(out), resume)
-    sites = load_training_data(cfg, data_root, progress)
+    sites = load_training_data(cfg, None, progress)
     if cfg.train.mode == "centralized":
         return _train_centralized(cfg, run, sites, on_round)
-    from tff_privseg.federated.runtime import local_runtime
+    from tff_privseg.federated.remote import runtime_for
 
-    with local_runtime():
+    with runtime_for(workers, tls_dir):
         return _train_federated(cfg, run, sites, resume, progress, on_round)
 
 
