@@ -98,6 +98,11 @@ def train(
         workers=workers,
         tls_dir=tls_dir,
     )
+    # Like the PyTorch baseline: one row per finished training in completed_trainings.csv.
+    from tff_privseg.parity.baseline_format import append_completed_training
+
+    csv = append_completed_training(Path(out).parent / "completed_trainings.csv", cfg, summary)
+    summary["completed_trainings_csv"] = str(csv)
     emit(summary, as_json, _print_summary)
 
 

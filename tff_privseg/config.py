@@ -80,6 +80,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     mode: Literal["federated", "centralized"] = "federated"
+    # "tff": client updates run inside TFF's runtime (CPU-only worker binary); "hybrid": each
+    # site's update runs in the Python TF runtime (its GPU if present), aggregation stays in TFF.
+    execution: Literal["tff", "hybrid"] = "tff"
     rounds: int = 10
     local_steps: int = 10  # local batches per site and round (ignored when local_epochs > 0)
     local_epochs: int = 0

@@ -55,9 +55,13 @@ class LocalWorker:
 
 
 def worker_binary_path() -> Path:
-    import tensorflow_federated as tff
+    """TFF's worker binary, found without importing TFF (a bridge must start fast)."""
+    import importlib.util
 
-    return Path(tff.__file__).parent / "data" / "worker_binary"
+    spec = importlib.util.find_spec("tensorflow_federated")
+    if spec is None or spec.origin is None:
+        raise UserError("tensorflow_federated is not installed (run scripts/bootstrap.sh)")
+    return Path(spec.origin).parent / "data" / "worker_binary"
 
 
 def _die_with_parent() -> None:

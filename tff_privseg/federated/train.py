@@ -274,6 +274,7 @@ def _train_federated(
     on_round: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     from tff_privseg.federated.client import DpSgdSpec
+    from tff_privseg.federated.hybrid import build_hybrid_process
     from tff_privseg.federated.process import build_process
 
     names = [s.name for s in sites]
@@ -284,9 +285,8 @@ def _train_federated(
             cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size, group
         )
     model_fn = _model_fn(cfg)
-    process = build_process(
-        cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp
-    )
+    build = build_hybrid_process if cfg.train.execution == "hybrid" else build_process
+    process = build(cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp)
     state = process.initialize()
     ledger, run_key, start = new_ledger(cfg, sites), secrets.randbits(62), 0
     latest = checkpoint.latest(run.checkpoints) if resume else None
