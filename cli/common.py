@@ -6,7 +6,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +48,51 @@ class Terminated(Exception):
     """Raised in the main thread on SIGTERM so that every `finally` (worker shutdown) runs."""
 
 
-def raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+_GRACE_S = 15.0
+_signalled: list[int] = []
+_swallowed: list[bool] = []
+
+
+def install_signal_handlers() -> None:
+    """Ctrl-C and SIGTERM stop the command cleanly, and for certain.
+
+    The handler raises in the main thread so `finally` blocks stop the TFF worker. Python
+    swallows that exception when the signal lands inside a garbage-collection callback (seen in
+    jax's); the unraisable hook then re-delivers the signal. A watchdog ends the process after a
+    grace period regardless, and a second signal ends it at once; the kernel then stops the
+    worker (parent-death signal).
+    """
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _unraisable
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    word = "interrupted" if signum == signal.SIGINT else "terminated"
+    if _signalled and not _swallowed:
+        _hard_exit(word, signum)
+    if not _signalled:
+        timer = threading.Timer(_GRACE_S, _hard_exit, args=(word, signum))
+        timer.daemon = True
+        timer.start()
+        _signalled.append(signum)
+    _swallowed.clear()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _unraisable(info: object) -> None:
+    if _signalled and isinstance(info.exc_value, KeyboardInterrupt | Terminated):
+        _swallowed.append(True)
+        # deliver it again from another thread, so it lands outside this callback
+        threading.Timer(0.05, os.kill, args=(os.getpid(), _signalled[0])).start()
+        return
+    sys.__unraisablehook__(info)
+
+
+def _hard_exit(word: str, signum: int) -> None:
+    sys.stderr.write(word + "\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -72,6 +117,10 @@ def handle_errors(fn: Callable) -> Callable:
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as e:  # an unexpected failure: still one line, the trace on --debug
+            if _signalled:  # the signal's exception was re-wrapped (e.g. by autograph)
+                word = "interrupted" if _signalled[0] == signal.SIGINT else "terminated"
+                click.echo(word, err=True)
+                sys.exit(128 + _signalled[0])
             if debug:
                 raise
             click.echo(

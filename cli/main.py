@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import signal
 import sys
 
 import click
@@ -60,7 +59,7 @@ def cli(debug: bool) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, common.raise_terminated)
+    common.install_signal_handlers()
     cli(prog_name="tff-privseg")
 
 
