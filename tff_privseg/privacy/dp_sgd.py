@@ -1,19 +1,30 @@
 """Sample-level DP-SGD gradients from a tensorflow-privacy DPQuery.
 
-Per-example gradients come from `tape.jacobian` of the per-example loss vector (vectorised by
-pfor: no Python loop over examples), each is clipped to L2 norm C by the query's
-`preprocess_record`, the clipped gradients are summed, and the query adds N(0, (σC)²) to the sum.
-The sum is divided by the *expected* batch size (q·n): the actual size of a Poisson batch is
-itself private and must not be used.
+Each example's gradient is clipped to L2 norm C (the query's `preprocess_record` rule), the
+clipped gradients are summed, and the query adds N(0, (σC)²) to the sum. The sum is divided by
+the *expected* batch size (q·n): the actual size of a Poisson batch is itself private and must
+not be used.
+
+Two ways to the clipped sum (same result):
+- ``method="fast"`` (default): `fast_clip.fast_clipped_sum` — per-example norms from layer
+  inputs and output gradients, then the clipped sum with no second backward pass (about the
+  cost of one ordinary step). Models that are not Keras functional graphs fall back to the
+  jacobian path (warned once).
+- ``method="jacobian"``: per-example gradients from `tape.jacobian` of the per-example loss
+  vector (pfor; O(B²) work and a while_loop for conv kernels: ~5-10× a step), then
+  `clip_and_sum`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import dp_accounting
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
+
+from tff_privseg.privacy import fast_clip
 
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y [B,H,W], probs [B,H,W,C]) -> [B]
 
@@ -83,19 +94,35 @@ def dp_gradient(
     y: tf.Tensor,
     query: GaussianSumQuery,
     expected_batch_size: float,
+    method: Literal["fast", "jacobian"] = "fast",
+    strategy: fast_clip.Strategy = "auto",
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
     """One DP-SGD gradient: clip per example, sum, noise via `query`, divide by q·n.
 
     Args:
       x: float32 [B, H, W, 1], y: int32 [B, H, W]; B may be 0 (an empty Poisson batch).
+      method: "fast" (book-keeping clipping, `fast_clip`) or "jacobian" (reference path).
+      strategy: per-layer norm strategy of the fast path ("auto", "loop", "einsum", "ghost").
     Returns:
       (noised mean gradient per trainable variable, sum of per-example losses).
     """
+    if method not in ("fast", "jacobian"):
+        raise ValueError(f"method must be 'fast' or 'jacobian', got {method!r}")
     global_state = query.initial_global_state()
     params = query.derive_sample_params(global_state)
     variables = model.trainable_variables
+    if method == "fast" and not fast_clip.is_functional(model):
+        fast_clip.warn_once(
+            f"model:{type(model).__name__}",
+            f"fast clipping needs a Keras functional model, not {type(model).__name__}: "
+            "using the jacobian path (slow)",
+        )
+        method = "jacobian"
 
     def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
+        if method == "fast":
+            res = fast_clip.fast_clipped_sum(model, loss_fn, x, y, params, strategy)
+            return res.clipped_sum, tf.reduce_sum(res.losses)
         jac, losses = per_example_gradients(model, loss_fn, x, y)
         return clip_and_sum(jac, params), tf.reduce_sum(losses)
 
@@ -112,12 +139,15 @@ def plain_gradient(
 ) -> tuple[Sequence[tf.Tensor], tf.Tensor]:
     """Ordinary minibatch gradient of the mean loss, and the sum of per-example losses.
 
-    An empty batch gives zero gradients (GroupNorm cannot run on zero examples).
+    An empty batch gives zero gradients (GroupNorm cannot run on zero examples). Functional
+    models run through `fast_clip.forward` (the Keras graph with a fused GroupNorm: same
+    numbers to float rounding, ~10 % faster on CPU).
     """
+    run = fast_clip.forward if fast_clip.is_functional(model) else _keras_call
 
     def grads_and_loss() -> tuple[list[tf.Tensor], tf.Tensor]:
         with tf.GradientTape() as tape:
-            losses = loss_fn(y, model(x, training=True))
+            losses = loss_fn(y, run(model, x))
             loss = tf.reduce_mean(losses)
         grads = tape.gradient(
             loss, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
@@ -128,3 +158,7 @@ def plain_gradient(
         return [tf.zeros_like(v) for v in model.trainable_variables], tf.constant(0.0)
 
     return tf.cond(tf.shape(x)[0] > 0, grads_and_loss, nothing)
+
+
+def _keras_call(model: tf.keras.Model, x: tf.Tensor) -> tf.Tensor:
+    return model(x, training=True)
