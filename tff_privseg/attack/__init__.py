@@ -1,0 +1,1 @@
+"""Privacy attacks on the training's releases: gradient inversion and membership inference."""
