@@ -9,7 +9,8 @@ DATA ?= data/synth
 env:
 	@scripts/bootstrap.sh
 
-demo: env
+demo: env  # a fresh demo run each time (runs/demo is replaced)
+	rm -rf runs/demo
 	$(BIN)/tff-privseg train --config configs/default.toml --out runs/demo
 
 test: env
