@@ -72,7 +72,7 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
     show_default=True,
     help="Gradient distance: 1 - cosine (Geiping) or squared L2 (DLG).",
 )
-@click.option("--iterations", type=int, default=600, show_default=True)
+@click.option("--iterations", type=int, default=1200, show_default=True)
 @click.option("--restarts", type=int, default=2, show_default=True)
 @click.option("--tv", "tv_weight", type=float, default=0.1, show_default=True, help="TV weight.")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam step size.")
@@ -199,13 +199,13 @@ def audit(run_dir: str, data_root: str | None, round_num: int | None, as_json: b
 def _print_audit(r: dict[str, Any]) -> None:
     eps = "∞" if r.get("epsilon") is None else f"{r['epsilon']:.3f}"
     click.echo(f"model:  {r['source']} (privacy {r['privacy']}, ε = {eps})")
-    click.echo(f"{'site':<12}{'AUC':>8}{'advantage':>11}{'n_train':>9}{'n_test':>8}")
+    click.echo(f"{'site':<12}{'AUC':>8}{'advantage':>11}{'n_train':>9}{'n_held_out':>11}")
     for name, s in r["sites"].items():
         if s.get("auc") is None:
             click.echo(f"{name:<12}{'n/a':>8}  ({s.get('reason')})")
             continue
         click.echo(
-            f"{name:<12}{s['auc']:>8.3f}{s['advantage']:>11.3f}{s['n_train']:>9}{s['n_test']:>8}"
+            f"{name:<12}{s['auc']:>8.3f}{s['advantage']:>11.3f}{s['n_train']:>9}{s['n_held_out']:>11}"
         )
     if r.get("pooled"):
         p = r["pooled"]

@@ -140,7 +140,7 @@ def _site(name: str, seed: int, n_train: int = 12, n_test: int = 6) -> SiteData:
             [],
         )
 
-    return SiteData(name=name, train=slices(n_train), val=slices(0), test=slices(n_test))
+    return SiteData(name=name, train=slices(n_train), val=slices(2), test=slices(n_test - 2))
 
 
 def test_membership_audit_gives_auc_per_site(tiny_model):
@@ -149,7 +149,7 @@ def test_membership_audit_gives_auc_per_site(tiny_model):
     assert set(out["sites"]) == {"a", "b"}
     for s in out["sites"].values():
         assert 0.0 <= s["auc"] <= 1.0 and 0.0 <= s["advantage"] <= 1.0
-        assert s["n_train"] == 12 and s["n_test"] == 6
+        assert s["n_train"] == 12 and s["n_held_out"] == 6
     assert 0.0 <= out["pooled"]["auc"] <= 1.0
 
 

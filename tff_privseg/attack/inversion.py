@@ -167,10 +167,10 @@ def _seed_pair(seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InversionConfig:
-    iterations: int = 600
+    iterations: int = 1200
     restarts: int = 2
     lr: float = 0.1  # Adam step on the image logits (signed gradients: the step per pixel)
-    lr_schedule: Literal["step", "constant"] = "step"  # step: x0.1 at 3/8, 5/8, 7/8
+    lr_schedule: Literal["step", "cosine", "cycles", "constant"] = "step"
     tv_weight: float = 0.1
     distance: Literal["cosine", "l2"] = "cosine"
     # Per-variable weights in the distance: "equal", or "linear" (first variable 1, last 1/L;
@@ -185,9 +185,12 @@ class InversionConfig:
     pyramid: int = 3  # extra coarse levels at R/2 .. R/2**pyramid (0: one full-res map)
     smooth_start: float = 2.0  # surrogate β at the first step; 0: attack the ReLU model itself
     smooth_end: float = 50.0  # β at the last step
+    smooth_until: float = 1.0  # fraction of the iterations after which β stays at smooth_end
     # How a delta is matched: "gradient" treats it as one gradient (exact for one SGD step);
-    # "softsign" compares g/(|g| + 0.5·rms(g)) per layer: the shape of an Adam step.
+    # "softsign" compares g/(|g| + ε·rms(g)) per variable: the shape of an Adam step (whose
+    # first step is lr·g/(|g| + 1e-7) ≈ lr·sign(g)). "auto": softsign for Adam deltas.
     delta_match: Literal["auto", "gradient", "softsign"] = "auto"
+    softsign_eps: float = 0.5  # softsign: g / (|g| + softsign_eps · rms(g)) per variable
     init_scale: float = 0.1  # std of the initial logits (noise around init_mean)
     init_mean: float = 0.5  # initial intensity of the dummy images
     seed: int = 0
@@ -204,6 +207,7 @@ class Reconstruction:
     best_restart: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    restart_images: np.ndarray | None = None  # [K, B, R, R, 1], every restart's result
 
 
 def smooth_surrogate(model: tf.keras.Model) -> tuple[tf.keras.Model, tf.Variable]:
@@ -286,16 +290,18 @@ def total_variation(img: tf.Tensor) -> tf.Tensor:
     return dx + dy
 
 
-def _softsign(g: tf.Tensor) -> tf.Tensor:
-    rms = tf.sqrt(tf.reduce_mean(tf.square(g)) + 1e-30)
-    return g / (tf.abs(g) + 0.5 * rms)
-
-
 def _match_transform(update: SiteUpdate, cfg: InversionConfig) -> Callable[[tf.Tensor], tf.Tensor]:
     mode = cfg.delta_match
     if mode == "auto":
         mode = "softsign" if update.kind == "delta" and update.optimizer == "adam" else "gradient"
-    return _softsign if mode == "softsign" else tf.identity
+    if mode == "gradient":
+        return tf.identity
+
+    def softsign(g: tf.Tensor) -> tf.Tensor:
+        rms = tf.sqrt(tf.reduce_mean(tf.square(g)) + 1e-30)
+        return g / (tf.abs(g) + cfg.softsign_eps * rms)
+
+    return softsign
 
 
 def gradient_distance(
@@ -408,29 +414,27 @@ def reconstruct(
         dist = gradient_distance(grads, target, cfg.distance, scale, weights)
         return dist + cfg.tv_weight * total_variation(img)
 
-    if cfg.lr_schedule == "step":
-        n = cfg.iterations
-        bounds = [max(1, int(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)]
-        bounds = sorted(set(bounds))
-        lr = tf.keras.optimizers.schedules.PiecewiseConstantDecay(
-            bounds, [cfg.lr * 0.1**i for i in range(len(bounds) + 1)]
-        )
-    else:
-        lr = cfg.lr
-    opt = tf.keras.optimizers.Adam(learning_rate=lr)
-    opt.build(flat_params)
+    # Adam, written out: the step size and β change every iteration from Python.
+    m_slots = [tf.Variable(tf.zeros_like(v)) for v in flat_params]
+    v_slots = [tf.Variable(tf.zeros_like(v)) for v in flat_params]
+    b1, b2, eps = 0.9, 0.999, 1e-8
 
     @tf.function
-    def step(beta_value: tf.Tensor) -> tf.Tensor:
+    def step(beta_value: tf.Tensor, lr: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
         if beta is not None:
             beta.assign(beta_value)
         with tf.GradientTape() as tape:
             losses = [objective(attack_model, vs, variables) for vs in params]
             total = tf.add_n(losses)
         grads = tape.gradient(total, flat_params)
-        if cfg.signed:
-            grads = [tf.sign(g) for g in grads]
-        opt.apply_gradients(zip(grads, flat_params, strict=True))
+        for g, p, m, v in zip(grads, flat_params, m_slots, v_slots, strict=True):
+            if cfg.signed:
+                g = tf.sign(g)
+            m.assign(b1 * m + (1 - b1) * g)
+            v.assign(b2 * v + (1 - b2) * tf.square(g))
+            m_hat = m / (1 - tf.pow(b1, t))
+            v_hat = v / (1 - tf.pow(b2, t))
+            p.assign_sub(lr * m_hat / (tf.sqrt(v_hat) + eps))
         if cfg.box == "clip":
             for vs in params:
                 vs[0].assign(tf.clip_by_value(vs[0], 0.0, 1.0))
@@ -440,7 +444,11 @@ def reconstruct(
     report_every = max(1, cfg.iterations // 20)
     for i in range(cfg.iterations):
         b = _beta_at(cfg, i) if smooth else 0.0
-        losses = step(tf.constant(b, tf.float32))
+        losses = step(
+            tf.constant(b, tf.float32),
+            tf.constant(_lr_at(cfg, i), tf.float32),
+            tf.constant(i + 1, tf.float32),
+        )
         if progress is not None and ((i + 1) % report_every == 0 or i + 1 == cfg.iterations):
             info = {"iteration": i + 1, "loss": float(tf.reduce_min(losses)), "beta": b}
             history.append(info)
@@ -459,11 +467,24 @@ def reconstruct(
         best_restart=best,
         seconds=time.perf_counter() - t0,
         history=history,
+        restart_images=np.stack([image_of(vs).numpy() for vs in params]),
     )
 
 
+def _lr_at(cfg: InversionConfig, i: int) -> float:
+    n = max(1, cfg.iterations)
+    if cfg.lr_schedule == "step":  # Geiping et al.: x0.1 at 3/8, 5/8 and 7/8 of the run
+        return cfg.lr * 0.1 ** sum(i >= int(n * f) for f in (3 / 8, 5 / 8, 7 / 8))
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * i / n))
+    if cfg.lr_schedule == "cycles":  # three cosine cycles (warm restarts)
+        c = n / 3
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (i % c) / c))
+    return cfg.lr
+
+
 def _beta_at(cfg: InversionConfig, i: int) -> float:
-    frac = i / max(1, cfg.iterations - 1)
+    frac = min(1.0, i / max(1.0, cfg.smooth_until * (cfg.iterations - 1)))
     return float(cfg.smooth_start * (cfg.smooth_end / cfg.smooth_start) ** frac)
 
 

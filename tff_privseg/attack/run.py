@@ -278,18 +278,20 @@ def save_figure(
     names = {"none": "no DP", "sample": "DP-SGD"}
     rows = min(len(images), max_rows)
     cols = 1 + len(recs)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows + 0.5), squeeze=False)
     for i in range(rows):
         ax = axes[i][0]
         ax.imshow(images[i, ..., 0], cmap="gray", vmin=0, vmax=1)
         if labels[i].any():
             ax.contour(labels[i] > 0, levels=[0.5], colors="r", linewidths=0.6)
-        ax.set_title("original" if i == 0 else "", fontsize=9)
+        if i == 0:
+            ax.set_title("original", fontsize=9)
         for j, (mode, (rec, met)) in enumerate(recs.items(), start=1):
             ax = axes[i][j]
             ax.imshow(rec.images[met["order"][i], ..., 0], cmap="gray", vmin=0, vmax=1)
-            text = f"SSIM {met['ssim'][i]:.2f}, PSNR {met['psnr'][i]:.1f}"
-            ax.set_title((names.get(mode, mode) + "\n" if i == 0 else "") + text, fontsize=8)
+            ax.set_xlabel(f"SSIM {met['ssim'][i]:.2f}, PSNR {met['psnr'][i]:.1f} dB", fontsize=8)
+            if i == 0:
+                ax.set_title(names.get(mode, mode), fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
