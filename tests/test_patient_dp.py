@@ -126,3 +126,27 @@ def test_loglinear_schedule_runs_from_lr_to_end_lr():
     lrs = [client_lr(cfg, r) for r in range(5)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
     assert np.allclose(np.diff(np.log(lrs)), np.log(0.1) / 4)
+
+
+@pytest.mark.parametrize("name", ["unet", "monet"])
+def test_fast_patient_clipping_equals_the_jacobian_path(name):
+    """Records of k slices (with padding) through fast_clip equal tape.jacobian of the
+    record losses: same clipped, noised gradient and the same loss sum."""
+    from tff_privseg.config import ModelConfig
+    from tff_privseg.losses import get_loss
+    from tff_privseg.models import build_model
+
+    cfg = ModelConfig(name=name, depth=2, base_filters=4, groups=2, dropout=0.0)
+    model = build_model(cfg, 16, seed=0)
+    k, patients = 3, 4
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.random((patients * k, 16, 16, 1)), tf.float32)
+    y = tf.constant(rng.integers(0, 2, (patients * k, 16, 16)), tf.int32)
+    w = tf.constant([1, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1], tf.float32)
+    query = SeededGaussianSumQuery(0.05, 0.05, tf.constant([3, 4], tf.int64))
+    loss = get_loss("dice")
+    fast, lf = record_dp_gradient(model, loss, x, y, w, k, query, 2.0, method="fast")
+    slow, ls = record_dp_gradient(model, loss, x, y, w, k, query, 2.0, method="jacobian")
+    assert float(lf) == pytest.approx(float(ls), rel=1e-5)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)

@@ -653,7 +653,7 @@ def forward(model: tf.keras.Model, inputs: Any) -> Any:
     return _forward(model, inputs, None, None, None, "auto", {})
 
 
-def _forward(model, inputs, tape, records, registry, strategy, counts):
+def _forward(model, inputs, tape, records, registry, strategy, counts, explicit=False):
     flat = model._flatten_to_reference_inputs(inputs)
     tensors: dict[str, list] = {}
     usage = model._tensor_usage_count
@@ -667,13 +667,17 @@ def _forward(model, inputs, tape, records, registry, strategy, counts):
             args, kwargs = node.map_arguments(tensors)
             layer = node.layer
             if is_functional(layer) and len(args) == 1 and not kwargs:
-                outputs = _forward(layer, args[0], tape, records, registry, strategy, counts)
+                outputs = _forward(
+                    layer, args[0], tape, records, registry, strategy, counts, explicit
+                )
             elif records is None:  # plain forward: only GroupNorm replaced
                 outputs = _plain_call(layer, args, kwargs)
             elif not layer.trainable_weights:
                 outputs = layer(*args, **_with_training(layer, kwargs))
             else:
-                outputs = _call_rule(layer, args, kwargs, tape, records, registry, strategy, counts)
+                outputs = _call_rule(
+                    layer, args, kwargs, tape, records, registry, strategy, counts, explicit
+                )
             for x_id, y in zip(node.flat_output_ids, tf.nest.flatten(outputs), strict=True):
                 tensors[x_id] = [y] * usage[x_id]
     outputs = [tensors[str(id(x))].pop() for x in model.outputs]
@@ -693,8 +697,10 @@ def _plain_call(layer, args, kwargs):
     return layer(*args, **_with_training(layer, kwargs))
 
 
-def _call_rule(layer, args, kwargs, tape, records, registry, strategy, counts):
-    shared = counts.get(id(layer), 1) > 1
+def _call_rule(layer, args, kwargs, tape, records, registry, strategy, counts, explicit):
+    # Explicit per-example gradients are needed for shared layers (their uses are summed per
+    # example) and for grouped records (summed over a record's rows); ghost norms are neither.
+    shared = counts.get(id(layer), 1) > 1 or explicit
     rule = registry.lookup(layer)
     if rule is not None and shared and not rule.supports_explicit:
         rule = None
@@ -723,9 +729,9 @@ def _call_rule(layer, args, kwargs, tape, records, registry, strategy, counts):
 
 @dataclasses.dataclass
 class FastClipResult:
-    clipped_sum: list[tf.Tensor]  # Σ_i c_i g_i, one per model.trainable_variables
-    losses: tf.Tensor  # [B]
-    norms: tf.Tensor  # [B], ‖g_i‖ before clipping
+    clipped_sum: list[tf.Tensor]  # Σ_r c_r g_r, one per model.trainable_variables
+    losses: tf.Tensor  # [R] per-record losses (R = B for group 1)
+    norms: tf.Tensor  # [R], ‖g_r‖ before clipping
 
 
 def _run_loop(jobs: list[LoopJob]) -> list[tf.Tensor]:
@@ -761,10 +767,16 @@ def fast_clipped_sum(
     l2_norm_clip: tf.Tensor | float | None,
     strategy: Strategy = "auto",
     registry: LayerRegistry | None = None,
+    group: int = 1,
+    weights: tf.Tensor | None = None,
 ) -> FastClipResult:
-    """Per-example norms and Σ_i min(1, C/‖g_i‖)·g_i, with one forward and one backward.
+    """Per-record norms and Σ_r min(1, C/‖g_r‖)·g_r, with one forward and one backward.
 
-    ``l2_norm_clip=None`` skips clipping (c_i = 1: the plain gradient of Σ_i loss_i).
+    group = 1: a record is one example (row of x). group = k > 1: a record is k consecutive
+    rows (a patient's slice slots, x [P·k, H, W, 1]) whose loss is the ``weights``-weighted
+    mean of its rows' losses (weights [P·k]: 1 = slice, 0 = padding); its gradient is the sum
+    of its rows' per-example gradients, so every layer goes explicit (no ghost norms).
+    ``l2_norm_clip=None`` skips clipping (c_r = 1: the plain gradient of Σ_r loss_r).
     Raises FastClipUnsupported for models that are not Keras functional graphs.
     """
     if strategy not in STRATEGIES:
@@ -776,8 +788,10 @@ def fast_clipped_sum(
     records: list[Record] = []
     tape = tf.GradientTape(persistent=True)
     with tape:
-        probs = _forward(model, x, tape, records, registry, strategy, counts)
+        probs = _forward(model, x, tape, records, registry, strategy, counts, group > 1)
         losses = loss_fn(y, probs)
+        if group > 1:
+            losses = record_losses(losses, weights, group)
         total = tf.reduce_sum(losses)
     dzs = tape.gradient(
         total, [r.z for r in records], unconnected_gradients=tf.UnconnectedGradients.ZERO
@@ -789,6 +803,8 @@ def fast_clipped_sum(
     explicit = [pe for c in contributions for pe in c.per_example]
     explicit += [(job.variable, g) for job, g in zip(jobs, _run_loop(jobs), strict=True)]
     for var, g in explicit:  # a shared layer: sum its uses' per-example gradients
+        if group > 1:  # rows -> records: [P·k, ...] -> [P, ...]
+            g = tf.reduce_sum(tf.reshape(g, tf.concat([[-1, group], var.shape], 0)), axis=1)
         key = var.ref()
         per_example[key] = (var, per_example[key][1] + g) if key in per_example else (var, g)
 
@@ -820,6 +836,13 @@ def fast_clipped_sum(
         grads[v.ref()] if v.ref() in grads else tf.zeros_like(v) for v in model.trainable_variables
     ]
     return FastClipResult(out, losses, norms)
+
+
+def record_losses(losses: tf.Tensor, weights: tf.Tensor, group: int) -> tf.Tensor:
+    """[P·k] example losses and slot weights -> [P] weighted mean loss per record."""
+    per = tf.reshape(losses * weights, [-1, group])
+    count = tf.reshape(weights, [-1, group])
+    return tf.reduce_sum(per, axis=1) / tf.maximum(tf.reduce_sum(count, axis=1), 1.0)
 
 
 def per_example_norms(
@@ -857,4 +880,5 @@ __all__ = [
     "group_norm",
     "is_functional",
     "per_example_norms",
+    "record_losses",
 ]

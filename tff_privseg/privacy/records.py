@@ -4,23 +4,23 @@ A batch holds P sampled patients × k slice slots each (x [P·k, H, W, 1]); slot
 are 1 for a real slice and 0 for padding (a patient with fewer than k slices). The record loss of
 patient p is the weighted mean of its slices' losses; its gradient is clipped to L2 norm C as ONE
 record, so a patient's total influence on a step is at most C however many slices it has.
-Per-record gradients come from `tape.jacobian` of the record-loss vector [P] (pfor-vectorised over
-patients: no Python loop over patients or slices).
+Two ways to the clipped sum, as for slices (tff_privseg.privacy.dp_sgd): ``method="fast"``
+(default) sums each record's rows' per-example gradients from one forward and one backward
+(`fast_clip.fast_clipped_sum(group=k)`: about the cost of a plain step on P·k slices);
+``method="jacobian"`` takes `tape.jacobian` of the record-loss vector [P] (pfor-vectorised over
+patients). Neither loops over patients or slices in Python.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
 
+from tff_privseg.privacy import fast_clip
 from tff_privseg.privacy.dp_sgd import LossFn, clip_and_sum
-
-
-def record_losses(losses: tf.Tensor, weights: tf.Tensor, group: int) -> tf.Tensor:
-    """[P·k] example losses and slot weights -> [P] weighted mean loss per record."""
-    per = tf.reshape(losses * weights, [-1, group])
-    count = tf.reshape(weights, [-1, group])
-    return tf.reduce_sum(per, axis=1) / tf.maximum(tf.reduce_sum(count, axis=1), 1.0)
+from tff_privseg.privacy.fast_clip import record_losses
 
 
 def record_dp_gradient(
@@ -32,16 +32,28 @@ def record_dp_gradient(
     group: int,
     query: GaussianSumQuery,
     expected_records: float,
+    method: Literal["fast", "jacobian"] = "fast",
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
     """Noised mean gradient over records (clip each record to C, sum, noise, / q·N).
 
-    Returns the gradient per trainable variable and the sum of the record losses.
+    x [P·k, H, W, 1], y [P·k, H, W], weights [P·k]. Returns the gradient per trainable
+    variable and the sum of the record losses.
     """
     global_state = query.initial_global_state()
     clip = query.derive_sample_params(global_state)
     variables = model.trainable_variables
 
+    if method not in ("fast", "jacobian"):
+        raise ValueError(f"method must be 'fast' or 'jacobian', got {method!r}")
+    if method == "fast" and not fast_clip.is_functional(model):
+        method = "jacobian"
+
     def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
+        if method == "fast":
+            res = fast_clip.fast_clipped_sum(
+                model, loss_fn, x, y, clip, group=group, weights=weights
+            )
+            return res.clipped_sum, tf.reduce_sum(res.losses)
         with tf.GradientTape() as tape:
             losses = record_losses(loss_fn(y, model(x, training=True)), weights, group)
         jac = tape.jacobian(losses, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
