@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,15 +31,25 @@ def json_option(fn: Callable) -> Callable:
 
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]) -> None:
     """Print `result` for people, or as exactly one JSON line when --json is given."""
-    if as_json:
-        click.echo(json.dumps(result, default=_jsonable, sort_keys=True))
+    if as_json:  # strict JSON: NaN/inf (e.g. no validation split) become null
+        click.echo(json.dumps(_finite(result), default=_jsonable, sort_keys=True, allow_nan=False))
     else:
         human(result)
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return _finite(value.tolist())
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

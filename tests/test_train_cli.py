@@ -159,3 +159,14 @@ def test_target_epsilon_stops_before_the_round_that_would_exceed_it(smoke_data, 
     assert summary["rounds"] == 1  # round 1 spends ε ≈ 3.9; round 2 would reach ≈ 4.9
     assert summary["epsilon"] <= 4.5
     assert "target_epsilon" in summary["stopped"]
+
+
+def test_json_output_is_strict_json(capsys):
+    """--json is one strict JSON object: NaN (no validation split) and inf become null."""
+    import numpy as np
+
+    from cli.common import emit
+
+    emit({"val_dice": float("nan"), "eps": np.float32("inf"), "rows": [1.0, np.nan]}, True, print)
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c))
+    assert out == {"val_dice": None, "eps": None, "rows": [1.0, None]}
