@@ -35,6 +35,7 @@ from tff_privseg.data.preprocess import (
 )
 from tff_privseg.data.split import split_site, split_sizes
 from tff_privseg.data.synth import _stored, phantom, site_profile
+from tff_privseg.errors import UserError
 
 SHAPE = (40, 40, 20)
 CFG = DataConfig(resolution=32, crop_slices=8)
@@ -406,6 +407,9 @@ def test_ensure_synthetic_builds_once(tmp_path: Path) -> None:
     stamp = (root / "siteA" / "dataset.json").stat().st_mtime_ns
     assert ensure_synthetic(cfg, root) == root
     assert (root / "siteA" / "dataset.json").stat().st_mtime_ns == stamp
+    bigger = DataConfig(root=cfg.root, synth=SynthConfig(sites=2, volumes_per_site=3))
+    with pytest.raises(UserError, match="2 sites x 1 volumes, but .* asks for 2 x 3"):
+        ensure_synthetic(bigger)  # a stale set of another size is not silently reused
 
 
 def test_staged_dir_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:

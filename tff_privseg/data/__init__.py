@@ -11,6 +11,7 @@ Public API::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tff_privseg.config import DataConfig
@@ -28,9 +29,17 @@ def ensure_synthetic(cfg: DataConfig, root: str | Path | None = None) -> Path:
     """Build the synthetic dataset (``cfg.synth``) at ``root`` (default ``cfg.root``) when it
     is missing or empty; an existing dataset is left untouched. Returns ``root``."""
     root = Path(root if root is not None else cfg.root)
-    if has_visible_entries(root):
-        return root
     s = cfg.synth
+    if has_visible_entries(root):
+        found = _synthetic_layout(root)
+        if found is not None and found != (s.sites, s.volumes_per_site):
+            raise UserError(
+                f"holds a synthetic set of {found[0]} sites x {found[1]} volumes, but "
+                f"[data.synth] asks for {s.sites} x {s.volumes_per_site}: remove the folder "
+                "(it is rebuilt) or point data.root elsewhere",
+                root,
+            )
+        return root
     if s.sites < 1 or s.volumes_per_site < 1 or min(s.shape) < 8:
         raise UserError(
             f"data.synth: need sites >= 1, volumes_per_site >= 1 and every shape axis >= 8 "
@@ -43,6 +52,22 @@ def ensure_synthetic(cfg: DataConfig, root: str | Path | None = None) -> Path:
         if not has_visible_entries(root):  # else: another process built it meanwhile
             raise
     return root
+
+
+def _synthetic_layout(root: Path) -> tuple[int, int] | None:
+    """(sites, volumes per site) of a set written by `write_synthetic_dataset`, else None."""
+    counts = []
+    for meta in sorted(root.glob("*/dataset.json")):
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+        if not str(info.get("name", "")).startswith("tff_privseg synthetic"):
+            return None
+        counts.append(int(info.get("numTraining", 0)))
+    if not counts or len(set(counts)) != 1:
+        return None
+    return len(counts), counts[0]
 
 
 __all__ = [
