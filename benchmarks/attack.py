@@ -45,9 +45,17 @@ def _summ(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_case(target, sites, name: str, out: Path, **kw) -> dict[str, Any]:
+def run_case(target, sites, name: str, out: Path, reuse: bool = False, **kw) -> dict[str, Any]:
+    """One attack; with ``reuse``, a finished case of the same name and inversion settings in
+    ``out`` is read back instead of recomputed (an interrupted benchmark resumes)."""
     from tff_privseg.attack.run import run_attack
 
+    saved = out / name / "attack.json"
+    if reuse and saved.exists():
+        res = json.loads(saved.read_text())
+        if res.get("inversion") == kw["inversion"].to_dict():
+            log(f"[{name}] reused {saved}")
+            return res
     t0 = time.perf_counter()
     res = run_attack(target, sites, out_dir=out / name, progress=False, **kw)
     log(f"[{name}] {json.dumps(_summ(res))} ({time.perf_counter() - t0:.0f} s)")
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, nargs="+", default=None, help="site A slice indices")
     ap.add_argument("--audit-runs", nargs="*", default=[], help="run dirs for the audit case")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="read back finished cases from --out")
+    ap.add_argument("--dp-everywhere", action="store_true", help="DP reconstructions in every case")
     ap.add_argument("--out", default=str(ROOT / "runs" / "attack_bench"), help="per-case files")
     ap.add_argument("--results", default=str(RESULTS / "attack.json"))
     args = ap.parse_args()
@@ -96,12 +106,18 @@ def main() -> None:
             slices.append(int(idx[len(idx) // 2]))
     base = InversionConfig(iterations=args.iterations, restarts=args.restarts, seed=args.seed)
     quick = InversionConfig(iterations=args.batch_iterations, restarts=1, seed=args.seed)
+    # DP-SGD is measured on the headline cases (gradient, round); the other cases ask how much
+    # a NON-private update leaks (batch size, multi-step delta, labels, distance): "both" adds
+    # the DP reconstruction to each of them too (twice the time).
+    secondary = "both" if args.dp_everywhere else "none"
 
-    def per_slice(tgt, name: str, icfg: InversionConfig, **kw) -> dict[str, Any]:
+    def per_slice(tgt, name: str, icfg: InversionConfig, subset=None, **kw) -> dict[str, Any]:
         rows = []
         recs = {}
-        for i in slices:
-            res = run_case(tgt, sites, f"{name}_{i}", out, index=i, inversion=icfg, **kw)
+        for i in slices[:subset]:
+            res = run_case(
+                tgt, sites, f"{name}_{i}", out, args.reuse, index=i, inversion=icfg, **kw
+            )
             rows.append(res)
             recs[i] = res
         summary = {
@@ -117,7 +133,12 @@ def main() -> None:
             m["mean_ssim"] = float(np.mean(m["ssim"]))
             m["min_ssim"] = float(np.min(m["ssim"]))
             m["mean_psnr"] = float(np.mean(m["psnr"]))
-        return {"slices": slices, "source": rows[0]["source"], "summary": summary, "runs": rows}
+        return {
+            "slices": slices[:subset],
+            "source": rows[0]["source"],
+            "summary": summary,
+            "runs": rows,
+        }
 
     if "gradient" in only:
         cases["gradient_b1_untrained"] = per_slice(target, "gradient_b1", base)
@@ -128,11 +149,21 @@ def main() -> None:
             log("[round] skipped: no --run")
         else:
             tgt = load_target(args.run, None, args.round)
-            cases[f"gradient_b1_round{args.round}"] = per_slice(tgt, f"round{args.round}", base)
+            cases[f"gradient_b1_round{args.round}"] = per_slice(
+                tgt, f"round{args.round}", base, subset=2
+            )
     if "batch" in only:
         for b in (1, 4, 8):
             cases[f"batch{b}"] = run_case(
-                target, sites, f"batch{b}", out, index=slices[0], batch_size=b, inversion=quick
+                target,
+                sites,
+                f"batch{b}",
+                out,
+                args.reuse,
+                index=slices[0],
+                batch_size=b,
+                privacy=secondary,
+                inversion=quick,
             )
     if "delta" in only:
         import dataclasses
@@ -148,7 +179,9 @@ def main() -> None:
             sites,
             f"delta_sgd{k}",
             out,
+            args.reuse,
             index=slices[0],
+            privacy=secondary,
             update="delta",
             local_steps=k,
             inversion=base,
@@ -159,7 +192,9 @@ def main() -> None:
                 sites,
                 f"delta{k}",
                 out,
+                args.reuse,
                 index=slices[0],
+                privacy=secondary,
                 update="delta",
                 local_steps=k,
                 inversion=base,
@@ -167,12 +202,19 @@ def main() -> None:
     if "labels" in only:
         icfg = InversionConfig(**{**base.to_dict(), "labels": "reconstruct"})
         cases["labels_reconstructed"] = run_case(
-            target, sites, "labels", out, index=slices[0], inversion=icfg
+            target,
+            sites,
+            "labels",
+            out,
+            args.reuse,
+            index=slices[0],
+            privacy=secondary,
+            inversion=icfg,
         )
     if "l2" in only:
         icfg = InversionConfig(**{**base.to_dict(), "distance": "l2"})
         cases["l2_dlg"] = run_case(
-            target, sites, "l2", out, index=slices[0], privacy="none", inversion=icfg
+            target, sites, "l2", out, args.reuse, index=slices[0], privacy=secondary, inversion=icfg
         )
     if "audit" in only:
         from tff_privseg.attack.run import read_epsilon
