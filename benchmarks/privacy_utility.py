@@ -5,16 +5,25 @@ bound), FedAvg without DP, and sample-level DP-SGD calibrated to each target ε 
 slice unit and (with --patient) the patient unit.
 
     .venv/bin/python benchmarks/privacy_utility.py [--rounds N] [--eps 1 3 8] [--patient]
+    tff-privseg bench --only privacy_utility [--quick]
+
+Both write benchmarks/results/privacy_utility.json (same content: `measure()`'s dict plus the
+machine, command and time, through `benchmarks.common.save`) and privacy_utility.md (the table).
+`run(quick=True)` (`--quick`): configs/smoke.toml, 2 rounds, ε = 8 only, runs in a temporary
+directory; `run()`: what main() does by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tff_privseg import config as config_lib
 from tff_privseg.federated.train import load_training_data, records, train
@@ -42,28 +51,32 @@ def calibrated(cfg: config_lib.Config, target: float) -> config_lib.Config:
     return cfg.replace(**{"privacy.noise_multiplier": plan["noise_multiplier"]})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
-    ap.add_argument("--patient", action="store_true", help="also patient-level DP")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "privacy_utility"))
-    args = ap.parse_args()
+def measure(
+    config: str | Path,
+    rounds: int | None = None,
+    eps: list[float] | tuple[float, ...] = (1.0, 3.0, 8.0),
+    patient: bool = False,
+    out: str | Path = ROOT / "runs" / "privacy_utility",
+    echo: Callable[[str], Any] = print,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train every variant into `out`/VARIANT; the result (one row per variant, the table).
 
-    base = config_lib.load(args.config)
-    if args.rounds:
-        base = base.replace(**{"train.rounds": args.rounds})
+    overrides: dotted config keys applied on load (run(quick) puts the data in a temp dir).
+    """
+    base = config_lib.load(config, overrides)
+    if rounds:
+        base = base.replace(**{"train.rounds": rounds})
     rows = []
-    for name, overrides in variants(base, args.eps, args.patient):
+    for name, overrides in variants(base, list(eps), patient):
         target = overrides.pop("_target", None)
         cfg = base.replace(**overrides)
         if target is not None:
             cfg = calibrated(cfg, target)
-        run = Path(args.out) / name
-        shutil.rmtree(run, ignore_errors=True)
+        run_dir = Path(out) / name
+        shutil.rmtree(run_dir, ignore_errors=True)
         t0 = time.perf_counter()
-        summary = train(cfg, run, progress=False)
+        summary = train(cfg, run_dir, progress=False)
         rows.append(
             {
                 "variant": name,
@@ -77,19 +90,33 @@ def main() -> None:
                 "wall_s": time.perf_counter() - t0,
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
-    result = {
-        "benchmark": "privacy_utility",
-        "config": args.config,
+        echo(json.dumps(rows[-1]))
+    return {
+        "config": str(config),
         "rounds": base.train.rounds,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-        },
+        "eps": list(eps),
+        "patient": patient,
+        **_headline(rows),
         "rows": rows,
+        "markdown": table(rows),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "privacy_utility.json").write_text(json.dumps(result, indent=2))
+
+
+def _headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dice kept under DP: the smallest-ε variant's final val Dice / FedAvg's (no DP)."""
+    fedavg = next((r for r in rows if r["variant"] == "fedavg"), None)
+    dp = [r for r in rows if r["noise_multiplier"] is not None and r["epsilon"] is not None]
+    if fedavg is None or not dp or not fedavg["val_dice"] > 0:
+        return {}
+    strict = min(dp, key=lambda r: r["epsilon"])
+    return {
+        "ratio": strict["val_dice"] / fedavg["val_dice"],
+        "ratio_definition": f"final val Dice of {strict['variant']} (ε {strict['epsilon']:.2f}) "
+        "/ FedAvg without DP",
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | σ | ε (δ=1e-5) | val Dice (final) | wall s |", "|---|---|---|---|---|"]
     for r in rows:
         sigma = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.2f}"
@@ -97,8 +124,45 @@ def main() -> None:
         lines.append(
             f"| {r['variant']} | {sigma} | {eps} | {r['val_dice']:.3f} | {r['wall_s']:.0f} |"
         )
-    (RESULTS / "privacy_utility.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """`tff-privseg bench --only privacy_utility`: returns the result; the CLI writes the files.
+
+    quick: configs/smoke.toml, 2 rounds, ε = 8, slice unit only; its runs and synthetic data go
+    to a temporary directory.
+    Otherwise main()'s defaults (configs/default.toml, its rounds, ε 1/3/8, runs/privacy_utility).
+    """
+    from benchmarks.common import log
+
+    if not quick:
+        return measure(ROOT / "configs" / "default.toml", echo=log)
+    with tempfile.TemporaryDirectory(prefix="privacy-utility-") as tmp:
+        data = {"data.root": str(Path(tmp) / "data")}
+        result = measure(ROOT / "configs" / "smoke.toml", 2, [8.0], False, tmp, log, data)
+    return result | {"quick": True}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--patient", action="store_true", help="also patient-level DP")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "privacy_utility"))
+    args = ap.parse_args()
+
+    result = measure(args.config, args.rounds, args.eps, args.patient, args.out)
+    if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is not a package on the path
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.common import save
+
+    markdown = result.pop("markdown")
+    command = " ".join(["python", "benchmarks/privacy_utility.py", *sys.argv[1:]])
+    save("privacy_utility", result, RESULTS, command=command)
+    (RESULTS / "privacy_utility.md").write_text(markdown)
+    print(markdown, end="")
 
 
 if __name__ == "__main__":

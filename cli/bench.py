@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import shlex
 import sys
@@ -19,13 +20,38 @@ DEFAULT = ("dp_overhead", "tff_overhead", "torch_reference")
 _NOT_BENCHMARKS = {"__init__", "common"}
 
 
-def available() -> list[str]:
-    """Benchmark modules in benchmarks/ (each has `run(quick: bool) -> dict`)."""
+def _modules() -> list[Path]:
     return sorted(
-        p.stem
+        p
         for p in (_ROOT / "benchmarks").glob("*.py")
         if p.stem not in _NOT_BENCHMARKS and not p.stem.startswith("_")
     )
+
+
+def _has_run(path: Path) -> bool:
+    """Whether the module defines a top-level `run` (read, not imported: no side effects)."""
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "run"
+        for node in tree.body
+    )
+
+
+def available() -> list[str]:
+    """Benchmark modules in benchmarks/: those with `run(quick: bool) -> dict`.
+
+    Modules of benchmarks/ without one (attack.py, a script: `python -m benchmarks.attack`) are
+    not benchmarks of this command; `scripts()` lists them.
+    """
+    return [p.stem for p in _modules() if _has_run(p)]
+
+
+def scripts() -> list[str]:
+    """Modules of benchmarks/ without `run(quick)`: scripts, run as `python -m benchmarks.NAME`."""
+    return [p.stem for p in _modules() if not _has_run(p)]
 
 
 def _load(name: str):
@@ -44,9 +70,9 @@ def _load(name: str):
     "--only",
     "only",
     multiple=True,
-    help="Run only this benchmark (repeatable): a module of benchmarks/, e.g. "
+    help="Run only this benchmark (repeatable): a module of benchmarks/ with run(quick): "
     + ", ".join(DEFAULT)
-    + ". Default: those three.",
+    + " (the default), memory, scaling, privacy_utility.",
 )
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions (a smoke run).")
 @click.option(
@@ -61,17 +87,33 @@ def _load(name: str):
 def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool) -> None:
     """Benchmarks: DP-SGD step vs non-private step, TFF round vs in-process, PyTorch/Opacus.
 
+    \b
+    Default: dp_overhead, tff_overhead, torch_reference. With --only NAME also:
+      memory           RSS (coordinator + TFF worker) over 30 rounds; 3 vs 12 sites
+      scaling          TFF round time vs sites (3/6/12) and resolution (64/128/256)
+      privacy_utility  val Dice of centralized / FedAvg / DP-SGD at ε 1, 3, 8 (trains
+                       each; long: --quick is 2 rounds of configs/smoke.toml)
+
     Each benchmark prints its figures and writes benchmarks/results/NAME.json (figures,
-    configuration, machine). With --json the last line is one object whose top level has
-    `dp_overhead` and `tff_overhead` (ratios; null when not run) and every benchmark's result.
+    configuration, machine; privacy_utility also NAME.md). With --json the last line is one
+    object whose top level has `dp_overhead` and `tff_overhead` (ratios; null when not run)
+    and every benchmark's result. benchmarks/attack.py is a script (python -m benchmarks.attack).
     """
-    names = list(only) or list(DEFAULT)
-    unknown = [n for n in names if n not in available()]
-    if unknown:
+    names = list(dict.fromkeys(only)) or list(DEFAULT)  # each once, in the order given
+    bench_names, script_names = available(), scripts()
+    unknown = [n for n in names if n not in bench_names]
+    if unknown:  # checked before anything runs
         from tff_privseg.errors import UserError
 
+        not_bench = [n for n in unknown if n in script_names]
+        if not_bench:
+            raise UserError(
+                f"benchmarks/{not_bench[0]}.py is a script, not a benchmark of this command "
+                f"(no run(quick)): run it as `python -m benchmarks.{not_bench[0]}` "
+                f"(available: {', '.join(bench_names)})"
+            )
         raise UserError(
-            f"unknown benchmark {', '.join(unknown)} (available: {', '.join(available())})"
+            f"unknown benchmark {', '.join(unknown)} (available: {', '.join(bench_names)})"
         )
     common = _load("common")
     command = "tff-privseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -82,8 +124,11 @@ def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool
             from tff_privseg.errors import UserError
 
             raise UserError(f"benchmarks/{name}.py has no run(quick) entry point")
-        result = module.run(quick=quick)
+        result = dict(module.run(quick=quick))
+        markdown = result.pop("markdown", None)  # a table, written next to the JSON
         path = common.save(name, result, Path(out_dir) if out_dir else None, command=command)
+        if markdown is not None:
+            path.with_suffix(".md").write_text(markdown)
         result = {k: v for k, v in result.items() if k != "figures"} | {
             "figures": _strip(result.get("figures", {})),
             "file": str(path),
@@ -119,3 +164,5 @@ def _print(s: dict[str, Any]) -> None:
         ratio = r.get("ratio")
         head = f"{ratio:.2f}x" if isinstance(ratio, int | float) else "-"
         click.echo(f"{name}: {head}  ({r.get('ratio_definition', '')})  -> {r['file']}")
+        if isinstance(r.get("growth_pct"), int | float):
+            click.echo(f"  growth {r['growth_pct']:+.1f} %  ({r.get('growth_definition', '')})")
