@@ -8,14 +8,60 @@
   called in this process per site (isolates TFF's runtime from the cost of the client
   function itself, which loops over a tf.data dataset inside the graph).
 Warm-up: one round each (tracing, worker start); rounds interleaved. Headline `ratio`:
-tff_round / keras_loop (median of paired rounds).
+tff_round / keras_loop (median of paired rounds). `cpu_ratio`: the same for CPU seconds (this
+process plus the TFF worker and its bridge, from /proc), which a loaded machine disturbs far
+less than wall time.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import log, paired_ratio, synthetic_batch, time_interleaved
+
+
+def _descendants_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the processes below `pid` (Linux /proc; 0 elsewhere)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        stats[int(entry.name)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, stack = 0.0, list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        fields = stats[p]
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        stack += children.get(p, [])
+    return total
+
+
+def _with_cpu_time(
+    fns: dict[str, Callable[[], Any]], worker_pid: int
+) -> tuple[dict[str, Callable[[], Any]], dict[str, list[float]]]:
+    """Wrap each fn to record its CPU seconds: this process + the TFF worker below worker_pid."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+
+    def wrap(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            c0 = time.process_time() + _descendants_cpu_seconds(worker_pid)
+            out = fn()
+            samples[name].append(time.process_time() + _descendants_cpu_seconds(worker_pid) - c0)
+            return out
+
+        return call
+
+    return {name: wrap(name, fn) for name, fn in fns.items()}, samples
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -60,7 +106,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         ]
 
     log(f"tff_overhead: {sites} sites x {steps} DP steps, batch {batch}, {resolution}px")
-    with local_runtime():
+    with local_runtime() as worker:
         process = build_process(cfg, model_fn, loss_fn, sites, dp)
         state = process.initialize()
         w0 = [np.asarray(w) for w in process.get_model_weights(state).trainable]
@@ -107,31 +153,48 @@ def run(quick: bool = False) -> dict[str, Any]:
                 deltas.append([d.numpy() for d in delta])
             return [np.mean(d, axis=0) for d in zip(*deltas, strict=True)]
 
-        timings = time_interleaved(
+        fns, cpu_samples = _with_cpu_time(
             {
                 "tff_round": tff_round,
                 "keras_loop": keras_round,
                 "in_process_client_update": local_round,
             },
-            rounds,
-            warmup=1,
+            worker.bridge.pid,
         )
+        timings = time_interleaved(fns, rounds, warmup=1)
+    cpu = {
+        k: {
+            "median_s": statistics.median(v[1:]),  # [0]: the warm-up round
+            "min_s": min(v[1:]),
+            "samples_s": [round(s, 5) for s in v[1:]],
+        }
+        for k, v in cpu_samples.items()
+    }
     ratio = paired_ratio(timings, "tff_round", "keras_loop")
     vs_update = paired_ratio(timings, "tff_round", "in_process_client_update")
+    cpu_ratio = paired_ratio(cpu, "tff_round", "keras_loop")
     log(
         "  "
         + "  ".join(f"{k} {t['median_s']:.2f} s" for k, t in timings.items())
         + f" | tff/keras {ratio:.2f}x, tff/in-process client_update {vs_update:.2f}x"
+        + " | CPU s: "
+        + "  ".join(f"{k} {t['median_s']:.2f}" for k, t in cpu.items())
+        + f", tff/keras {cpu_ratio:.2f}x"
     )
     return {
         "ratio": ratio,
         "ratio_definition": "median over paired rounds of TFF round time / plain-Keras round "
         "time (same DP steps, same batches)",
         "ratio_tff_over_in_process_client_update": vs_update,
+        "cpu_ratio": cpu_ratio,
+        "cpu_ratio_definition": "as ratio, for CPU seconds: this process plus the TFF worker "
+        "process tree (from /proc)",
         "local_step_seconds": timings["keras_loop"]["median_s"] / (sites * steps),
         "figures": {
             "seconds_per_round": {k: round(t["median_s"], 4) for k, t in timings.items()},
             "timings": timings,
+            "cpu_seconds_per_round": {k: round(t["median_s"], 4) for k, t in cpu.items()},
+            "cpu_timings": cpu,
         },
         "config": {
             "sites": sites,

@@ -72,7 +72,13 @@ def build_client_update(
         examples = tf.constant(0, tf.int64)
         loss_sum = tf.constant(0.0)
         step = tf.constant(0, tf.int64)
-        for x, y, w in batches:
+        # `iter(batches)`, not `batches`: AutoGraph turns `for b in dataset` into
+        # `dataset.scan(...).reduce(...)`, so the whole DP step would run as a tf.data function,
+        # instantiated (and graph-optimised) again for every new dataset, i.e. on every call, and
+        # run on tf.data's threads: ~3 s of CPU per site and round on top of ~1.6 s of steps
+        # (10 DP steps, 64 px U-Net, batch 8). Over an iterator the loop is a while_loop in this
+        # function's own graph, optimised once per trace (TFF's DATASET_ITERATOR loop does it).
+        for x, y, w in iter(batches):
             step_seed = tf.random.experimental.stateless_fold_in(seed, step)
             grads, batch_loss = gradient(x, y, w, step_seed)
             opt_state, new_weights = optimizer.next(
