@@ -184,7 +184,8 @@ def _sync_context(stub) -> object:
 
     def stack_fn(cardinalities):
         cardinalities.setdefault(tff.CLIENTS, 0)
-        executor = tff.framework.RemoteExecutor(stub)
+        # Prompt disposal, as in runtime.py: fewer stale values (and less fragmentation) there.
+        executor = tff.framework.RemoteExecutor(stub, dispose_batch_size=1)
         executor.set_cardinalities(cardinalities)
         return executor
 

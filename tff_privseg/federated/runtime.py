@@ -166,7 +166,11 @@ def _install_context(socket_path: str, default_num_clients: int = 0) -> None:
 
     def stack_fn(cardinalities):
         cardinalities.setdefault(tff.CLIENTS, default_num_clients)
-        executor = tff.framework.RemoteExecutor(stub)
+        # Dispose each worker value as soon as Python drops it. TFF's default batches 20
+        # disposals, so ~3 rounds of states, datasets and results stay alive on the worker:
+        # ~40 MiB more in use there (malloc_stats, 3 sites, 64x64 U-Net) and, interleaved with
+        # the newer rounds' values, more fragmentation. One small RPC per value.
+        executor = tff.framework.RemoteExecutor(stub, dispose_batch_size=1)
         executor.set_cardinalities(cardinalities)
         return executor
 
