@@ -791,6 +791,8 @@ def fast_clipped_sum(
         probs = _forward(model, x, tape, records, registry, strategy, counts, group > 1)
         losses = loss_fn(y, probs)
         if group > 1:
+            if weights is None:  # every slot a real slice
+                weights = tf.ones_like(losses)
             losses = record_losses(losses, weights, group)
         total = tf.reduce_sum(losses)
     dzs = tape.gradient(
