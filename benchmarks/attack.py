@@ -174,29 +174,19 @@ def main() -> None:
             cfg=target.cfg.replace(**{"train.client_optimizer": "sgd", "train.client_lr": 0.01}),
         )
         k = target.cfg.train.local_steps
-        cases[f"delta_sgd_{k}steps"] = run_case(
-            sgd,
-            sites,
-            f"delta_sgd{k}",
-            out,
-            args.reuse,
-            index=slices[0],
-            privacy=secondary,
-            update="delta",
-            local_steps=k,
-            inversion=base,
-        )
-        for k in (1, target.cfg.train.local_steps):
-            cases[f"delta_adam_{k}steps"] = run_case(
-                target,
+        deltas = [(f"delta_sgd_{k}steps", sgd, f"delta_sgd{k}", k)]
+        deltas += [(f"delta_adam_{n}steps", target, f"delta{n}", n) for n in (1, k)]
+        for key, tgt, name, steps in deltas:
+            cases[key] = run_case(
+                tgt,
                 sites,
-                f"delta{k}",
+                name,
                 out,
                 args.reuse,
                 index=slices[0],
                 privacy=secondary,
                 update="delta",
-                local_steps=k,
+                local_steps=steps,
                 inversion=base,
             )
     if "labels" in only:

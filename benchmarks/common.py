@@ -147,3 +147,24 @@ def synthetic_batch(batch: int, resolution: int, seed: int = 0):
         images.append(img.astype(np.float32)[..., None])
         labels.append(mask.astype(np.int32))
     return np.stack(images), np.stack(labels)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from the parent pid of every process in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree

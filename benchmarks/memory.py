@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log
+from benchmarks.common import log, process_tree
 
 _MIB = 1024.0  # /proc reports kB
 
@@ -48,27 +48,6 @@ def proc_status(pid: int) -> dict[str, float] | None:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0]) / _MIB
     return out if "VmRSS" in out else None
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (from the parent pid of every process in /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def tree_memory(root: int) -> dict[str, float]:

@@ -22,27 +22,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import log, paired_ratio, synthetic_batch, time_interleaved
+from benchmarks.common import (
+    log,
+    paired_ratio,
+    process_tree,
+    synthetic_batch,
+    time_interleaved,
+)
 
 
 def _descendants_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the processes below `pid` (Linux /proc; 0 elsewhere)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
+    """User + system CPU seconds of the processes below `pid` (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid)[1:]:
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
-            continue
-        stats[int(entry.name)] = fields
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total, stack = 0.0, list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        fields = stats[p]
+            continue  # exited meanwhile
         total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-        stack += children.get(p, [])
     return total
 
 

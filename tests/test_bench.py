@@ -78,10 +78,10 @@ def test_bench_script_without_run_is_one_line_error():
 
 
 def test_memory_reads_rss_of_a_process_tree():
-    memory = _benchmark("memory")
+    memory, common = _benchmark("memory"), _benchmark("common")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert child.pid in memory.process_tree(os.getpid())
+        assert child.pid in common.process_tree(os.getpid())
         own = memory.proc_status(os.getpid())
         assert own["VmRSS"] > 0 and own["VmHWM"] >= own["VmRSS"]
         tree = memory.tree_memory(child.pid)
