@@ -9,6 +9,7 @@ import tensorflow as tf
 from tff_privseg.config import ModelConfig
 from tff_privseg.losses import soft_dice_loss
 from tff_privseg.models import build_model, count_params, group_count, model_meta, monet, unet
+from tff_privseg.models.group_norm import GroupNorm
 
 R = 64
 
@@ -59,7 +60,7 @@ def test_no_batchnorm_only_groupnorm(models, name):
     layers = models[name].layers
     assert not any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in layers)
     assert not any("batch" in type(layer).__name__.lower() for layer in layers)
-    gns = [layer for layer in layers if isinstance(layer, tf.keras.layers.GroupNormalization)]
+    gns = [layer for layer in layers if isinstance(layer, GroupNorm)]
     assert gns
     # Functional model, no non-trainable state to federate or leak through.
     assert not models[name].non_trainable_variables
@@ -148,3 +149,31 @@ def test_unet_conv_downsampling_and_dropout():
     assert model.get_layer("enc0_down").strides == (2, 2)
     assert any(isinstance(layer, tf.keras.layers.SpatialDropout2D) for layer in model.layers)
     assert model(np.zeros((1, 32, 32, 1), np.float32)).shape == (1, 32, 32, 1)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 7, 5, 12), 4), ((2, 6, 8), 2), ((2, 4, 4, 3, 6), 3)])
+def test_group_norm_equals_keras(shape, groups):
+    """GroupNorm's per-channel statistics give Keras' numbers: outputs, gradients (input, γ,
+    β) and the second-order input gradient of a gradient norm (what the attack differentiates)."""
+    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, shape).astype(np.float32))
+    gamma = np.random.default_rng(2).normal(size=shape[-1]).astype(np.float32)
+    results = []
+    for layer in (
+        tf.keras.layers.GroupNormalization(groups, epsilon=1e-5),
+        GroupNorm(groups, epsilon=1e-5),
+    ):
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(0.3 * gamma)
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(tf.sin(y))
+            grads = inner.gradient(loss, [x, layer.gamma, layer.beta])
+            second = tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads[1:]])
+        results.append([y, *grads, outer.gradient(second, x)])
+    for keras_value, ours in zip(*results, strict=True):
+        np.testing.assert_allclose(ours, keras_value, rtol=1e-4, atol=1e-4)
+    assert GroupNorm.from_config(GroupNorm(groups).get_config()).groups == groups

@@ -1,8 +1,9 @@
 """Building blocks shared by the U-Net and MoNet builders.
 
-Everything here produces plain Keras functional graph pieces (no subclassed layers), so the
-models stay acceptable to ``tff.learning.models.from_keras_model`` and to SavedModel export.
-Normalisation is always ``GroupNormalization``: BatchNorm's running statistics are not averaged by
+Everything here produces plain Keras functional graph pieces, so the models stay acceptable to
+``tff.learning.models.from_keras_model`` and to SavedModel export; the one subclassed layer,
+``GroupNorm``, is Keras' ``GroupNormalization`` with a faster call (``models/group_norm.py``).
+Normalisation is always GroupNorm: BatchNorm's running statistics are not averaged by
 federated averaging and batch statistics couple the examples of a batch, which breaks
 per-example clipping in DP-SGD.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 
 import tensorflow as tf
+
+from tff_privseg.models.group_norm import GroupNorm
 
 GN_EPSILON = 1e-5  # PyTorch's GroupNorm default (Keras' is 1e-3)
 META_ATTR = "tff_privseg_meta"  # JSON string attribute carrying the build arguments
@@ -57,9 +60,7 @@ class Initializers:
 
 def group_norm(x: tf.Tensor, max_groups: int, name: str) -> tf.Tensor:
     channels = int(x.shape[-1])
-    return tf.keras.layers.GroupNormalization(
-        groups=group_count(max_groups, channels), epsilon=GN_EPSILON, name=name
-    )(x)
+    return GroupNorm(groups=group_count(max_groups, channels), epsilon=GN_EPSILON, name=name)(x)
 
 
 def head(x: tf.Tensor, num_classes: int, init: Initializers, name: str = "head") -> tf.Tensor:

@@ -140,8 +140,8 @@ def plain_gradient(
     """Ordinary minibatch gradient of the mean loss, and the sum of per-example losses.
 
     An empty batch gives zero gradients (GroupNorm cannot run on zero examples). Functional
-    models run through `fast_clip.forward` (the Keras graph with a fused GroupNorm: same
-    numbers to float rounding, ~10 % faster on CPU).
+    models run through `fast_clip.forward`: the Keras graph with Keras' own GroupNormalization
+    layers computed like `models.GroupNorm` (same numbers to float rounding, faster on CPU).
     """
     run = fast_clip.forward if fast_clip.is_functional(model) else _keras_call
 

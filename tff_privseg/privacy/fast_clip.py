@@ -56,6 +56,8 @@ from typing import Any, Literal
 
 import tensorflow as tf
 
+from tff_privseg.models.group_norm import GroupNorm, affine, fast_path, group_norm_parts
+
 Strategy = Literal["auto", "grouped", "einsum", "loop", "ghost"]
 STRATEGIES = ("auto", "grouped", "einsum", "loop", "ghost")
 LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
@@ -426,62 +428,45 @@ class DenseRule(Rule):
 
 
 class _GroupNormRecord(Record):
-    def __init__(self, layer, grouped, mean, inv, z):
-        self.layer, self.grouped, self.mean, self.inv, self.z = layer, grouped, mean, inv, z
+    def __init__(self, layer, centred, inv, z):
+        self.layer, self.centred, self.inv, self.z = layer, centred, inv, z
 
     def contribute(self, dz, tape):
         layer = self.layer
-        rank = self.grouped.shape.rank
-        axes = list(range(1, rank - 2))  # the spatial axes of [B, ..., G, C/G]
-        dzg = tf.reshape(tf.cast(dz, self.grouped.dtype), tf.shape(self.grouped))
+        spatial = list(range(1, self.centred.shape.rank - 1))
+        dz = tf.cast(dz, self.centred.dtype)
         batch = tf.shape(dz)[0]
         out = Contribution()
-        sum_dz = tf.reduce_sum(dzg, axis=axes, keepdims=True)  # [B, 1.., G, C/G]
-        if layer.scale:
-            # dγ_i = Σ_spatial dz·x̂ = inv·(Σ dz·x - mean·Σ dz): two reductions, no centred copy
-            sum_dzx = tf.reduce_sum(dzg * self.grouped, axis=axes, keepdims=True)
-            dgamma = self.inv * (sum_dzx - self.mean * sum_dz)
+        if layer.scale:  # dγ = Σ_spatial dz·x̂ = inv · Σ_spatial dz·(x - mean), per channel
+            dgamma = tf.reduce_sum(dz * self.centred, axis=spatial, keepdims=True) * self.inv
             out.per_example.append((layer.gamma, tf.reshape(dgamma, [batch, -1])))
         if layer.center:
-            out.per_example.append((layer.beta, tf.reshape(sum_dz, [batch, -1])))
+            out.per_example.append((layer.beta, tf.reduce_sum(dz, axis=spatial)))
         return out
 
 
 class GroupNormRule(Rule):
-    """GroupNormalization over the last axis, without a mask.
+    """GroupNormalization over the last axis, without a mask (Keras' layer or ``GroupNorm``).
 
-    Same arithmetic as Keras' layer (moments per example and group, then
-    `tf.nn.batch_normalization`'s x·inv + (β - mean·inv) with inv = γ/√(var+ε)), minus its
-    all-ones mask. Per-example γ/β gradients are spatial reductions of dz·x̂ and dz.
+    The output is ``models.group_norm``'s (Keras' numbers without its all-ones mask);
+    per-example γ/β gradients are spatial sums of dz·x̂ and dz.
     """
 
     def forward(self, layer, args, kwargs, tape, strategy, explicit_only):
         if len(args) != 1 or any(v is not None for v in kwargs.values()):
             raise _NoRule
-        z, grouped, mean, inv = group_norm(layer, args[0])
+        z, centred, inv = group_norm(layer, args[0])
         tape.watch(z)
-        return z, _GroupNormRecord(layer, grouped, mean, inv, z)
+        return z, _GroupNormRecord(layer, centred, inv, z)
 
 
 def group_norm(layer: tf.keras.layers.GroupNormalization, x: tf.Tensor):
-    """The layer's output, and (x grouped [B, ..., G, C/G], mean, 1/√(var+ε)) per example."""
+    """The layer's output [B, ..., C], the centred input [B, ..., C] and inv [B, 1.., C]."""
     x = tf.cast(x, layer.compute_dtype)
-    rank = x.shape.rank
-    if rank is None or rank < 3 or layer.axis not in (-1, rank - 1):
+    if not fast_path(layer, x):
         raise _NoRule
-    channels, groups = int(x.shape[-1]), layer.groups
-    shape = tf.shape(x)
-    grouped = tf.reshape(x, tf.concat([shape[:-1], [groups, channels // groups]], 0))
-    axes = list(range(1, rank - 1)) + [rank]  # all but batch and group
-    mean, var = tf.nn.moments(grouped, axes=axes, keepdims=True)
-    inv = tf.math.rsqrt(var + layer.epsilon)  # [B, 1.., G, 1]
-    param_shape = [1] * (rank - 1) + [groups, channels // groups]
-    scale = inv * tf.reshape(tf.cast(layer.gamma, x.dtype), param_shape) if layer.scale else inv
-    offset = -mean * scale
-    if layer.center:
-        offset += tf.reshape(tf.cast(layer.beta, x.dtype), param_shape)
-    z = tf.reshape(grouped * scale + offset, shape)
-    return z, grouped, mean, inv
+    centred, inv = group_norm_parts(x, layer.groups, layer.epsilon)
+    return affine(layer, centred, inv), centred, inv
 
 
 class _TfpRecord(Record):
@@ -591,6 +576,7 @@ def default_registry() -> LayerRegistry:
     registry.insert(tf.keras.layers.Conv2DTranspose, ConvRule(transpose=True))
     registry.insert(tf.keras.layers.Dense, DenseRule())
     registry.insert(tf.keras.layers.GroupNormalization, GroupNormRule())
+    registry.insert(GroupNorm, GroupNormRule())
     try:  # tensorflow-privacy's own rules for the layers it covers (batch-axis base_vars)
         from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import (
             einsum_dense,
@@ -645,10 +631,11 @@ def _use_counts(model, counts: dict[int, int] | None = None) -> dict[int, int]:
 
 
 def forward(model: tf.keras.Model, inputs: Any) -> Any:
-    """`model(inputs, training=True)` through the same layer-by-layer walk, GroupNorm fused.
+    """`model(inputs, training=True)` through the same layer-by-layer walk.
 
-    Numerically the Keras call (to float rounding); faster because Keras'
-    GroupNormalization computes masked (weighted) moments even without a mask.
+    Numerically the Keras call (to float rounding); Keras' own GroupNormalization layers are
+    computed as `models.group_norm` does (Keras' call takes masked moments even without a
+    mask, 2-3x slower on CPU).
     """
     return _forward(model, inputs, None, None, None, "auto", {})
 
@@ -686,7 +673,7 @@ def _forward(model, inputs, tape, records, registry, strategy, counts, explicit=
 
 def _plain_call(layer, args, kwargs):
     if (
-        type(layer) is tf.keras.layers.GroupNormalization
+        type(layer) is tf.keras.layers.GroupNormalization  # GroupNorm's own call is fast
         and len(args) == 1
         and all(v is None for v in kwargs.values())
     ):
