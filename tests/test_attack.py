@@ -227,3 +227,22 @@ def test_cli_attack_and_audit_json(tiny_run, tmp_path):
 
     res = runner.invoke(cli, ["attack", "--data", str(data), "--quiet"])
     assert res.exit_code == 2 and "--config" in res.output
+
+
+def test_dp_params_refuses_multi_slice_patient_records():
+    """The attack clips one slice per record: patient records of k > 1 slices are refused."""
+    from tff_privseg.attack.run import dp_params
+    from tff_privseg.errors import UserError
+
+    def cfg(k: int):
+        return config_lib.from_dict(
+            {
+                "train": {"batch_size": 24},
+                "privacy": {"level": "sample", "unit": "patient", "slices_per_patient": k},
+            }
+        )
+
+    params = dp_params(cfg(1))
+    assert params.expected_batch_size == 24.0
+    with pytest.raises(UserError, match="slices_per_patient"):
+        dp_params(cfg(4))

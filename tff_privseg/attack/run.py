@@ -130,8 +130,20 @@ def pick_slices(s: SiteData, index: int | None, batch_size: int) -> list[int]:
 
 
 def dp_params(cfg: Config) -> inv.DpParams:
-    """The run's sample-level DP-SGD parameters (the training's DpSgdSpec)."""
+    """The run's sample-level DP-SGD parameters (the training's DpSgdSpec).
+
+    A record is one slice here: exactly training's records for ``privacy.unit = "slice"`` and
+    for patient records of one slice (``slices_per_patient = 1``, the default config). Patient
+    records of several slices are clipped as one sum in training; that is not modelled, so it
+    is refused rather than approximated.
+    """
     p = cfg.privacy
+    if p.unit == "patient" and p.slices_per_patient > 1:
+        raise UserError(
+            "the attack's DP-SGD update clips one slice per record; this run clips patient "
+            f"records of up to {p.slices_per_patient} slices (privacy.slices_per_patient), "
+            "which is not modelled: use --privacy none, or a config with slices_per_patient = 1"
+        )
     return inv.DpParams(p.l2_norm_clip, p.noise_multiplier, float(cfg.train.batch_size))
 
 
