@@ -72,6 +72,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=1200)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--batch-iterations", type=int, default=600)
+    ap.add_argument(
+        "--secondary-iterations",
+        type=int,
+        default=None,
+        help="iterations of the delta, labels and l2 cases (default: --iterations)",
+    )
     ap.add_argument("--slices", type=int, nargs="+", default=None, help="site A slice indices")
     ap.add_argument("--audit-runs", nargs="*", default=[], help="run dirs for the audit case")
     ap.add_argument("--seed", type=int, default=0)
@@ -106,6 +112,11 @@ def main() -> None:
             slices.append(int(idx[len(idx) // 2]))
     base = InversionConfig(iterations=args.iterations, restarts=args.restarts, seed=args.seed)
     quick = InversionConfig(iterations=args.batch_iterations, restarts=1, seed=args.seed)
+    secondary_cfg = InversionConfig(
+        iterations=args.secondary_iterations or args.iterations,
+        restarts=args.restarts,
+        seed=args.seed,
+    )
     # DP-SGD is measured on the headline cases (gradient, round); the other cases ask how much
     # a NON-private update leaks (batch size, multi-step delta, labels, distance): "both" adds
     # the DP reconstruction to each of them too (twice the time).
@@ -143,7 +154,7 @@ def main() -> None:
     if "gradient" in only:
         cases["gradient_b1_untrained"] = per_slice(target, "gradient_b1", base)
         figure = results_path.with_suffix(".png")
-        _figure(cases["gradient_b1_untrained"], out, figure, save_figure)
+        _figure(cases["gradient_b1_untrained"], out, figure, save_figure, target.cfg)
     if "round" in only:
         if not args.run:
             log("[round] skipped: no --run")
@@ -187,10 +198,10 @@ def main() -> None:
                 privacy=secondary,
                 update="delta",
                 local_steps=steps,
-                inversion=base,
+                inversion=secondary_cfg,
             )
     if "labels" in only:
-        icfg = InversionConfig(**{**base.to_dict(), "labels": "reconstruct"})
+        icfg = InversionConfig(**{**secondary_cfg.to_dict(), "labels": "reconstruct"})
         cases["labels_reconstructed"] = run_case(
             target,
             sites,
@@ -202,7 +213,7 @@ def main() -> None:
             inversion=icfg,
         )
     if "l2" in only:
-        icfg = InversionConfig(**{**base.to_dict(), "distance": "l2"})
+        icfg = InversionConfig(**{**secondary_cfg.to_dict(), "distance": "l2"})
         cases["l2_dlg"] = run_case(
             target, sites, "l2", out, args.reuse, index=slices[0], privacy=secondary, inversion=icfg
         )
@@ -236,7 +247,7 @@ def main() -> None:
     print(json.dumps({k: _brief(v) for k, v in cases.items()}))
 
 
-def _figure(case: dict[str, Any], out: Path, dest: Path, save_figure) -> None:
+def _figure(case: dict[str, Any], out: Path, dest: Path, save_figure, cfg) -> None:
     """attack.png: one row per slice, original | no DP | DP-SGD (from the saved npz files)."""
     import numpy as np
 
@@ -266,7 +277,10 @@ def _figure(case: dict[str, Any], out: Path, dest: Path, save_figure) -> None:
         images,
         np.concatenate(labs),
         packed,
-        title="gradient of one slice, untrained U-Net (64x64): original | no DP | DP-SGD σ=1",
+        title=(
+            f"gradient of one slice, untrained U-Net ({cfg.data.resolution}x"
+            f"{cfg.data.resolution}): original | no DP | DP-SGD σ={cfg.privacy.noise_multiplier:g}"
+        ),
     )
 
 
