@@ -76,7 +76,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
 
     resolution, sites, steps, batch = (32, 2, 2, 4) if quick else (64, 3, 10, 8)
-    rounds = 2 if quick else 5
+    rounds = 2 if quick else 9
     cfg = config_lib.from_dict(
         {
             "data": {"resolution": resolution},
