@@ -111,7 +111,17 @@ def _tff_stub_class():
                 return getattr(super(), method)(request)
             except WorkerLost:
                 raise
-            except grpc.RpcError as e:
+            except (grpc.RpcError, ValueError) as e:
+                if method.startswith("dispose"):
+                    # TFF disposes values from garbage-collector finalizers, also after a
+                    # worker died or its channel closed: those values died with it. Raising
+                    # there prints "Exception ignored in ..." tracebacks after the run's
+                    # one-line error.
+                    return None
+                if not isinstance(e, grpc.RpcError):
+                    if "closed channel" not in str(e):
+                        raise
+                    raise WorkerLost(self.address, f"failed a {method} call: {e}") from e
                 code = e.code() if isinstance(e, grpc.Call) else None
                 details = e.details() if isinstance(e, grpc.Call) else str(e)
                 if code == grpc.StatusCode.UNAVAILABLE:
