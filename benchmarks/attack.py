@@ -69,14 +69,14 @@ def main() -> None:
     ap.add_argument("--run", help="run directory for the early-round case")
     ap.add_argument("--round", type=int, default=1)
     ap.add_argument("--only", default=",".join(CASES[:-1]))
-    ap.add_argument("--iterations", type=int, default=1200)
+    ap.add_argument("--iterations", type=int, default=3000)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--batch-iterations", type=int, default=600)
     ap.add_argument(
         "--secondary-iterations",
         type=int,
-        default=None,
-        help="iterations of the delta, labels and l2 cases (default: --iterations)",
+        default=1200,
+        help="iterations of the delta, labels and l2 cases",
     )
     ap.add_argument("--slices", type=int, nargs="+", default=None, help="site A slice indices")
     ap.add_argument("--audit-runs", nargs="*", default=[], help="run dirs for the audit case")
@@ -113,7 +113,7 @@ def main() -> None:
     base = InversionConfig(iterations=args.iterations, restarts=args.restarts, seed=args.seed)
     quick = InversionConfig(iterations=args.batch_iterations, restarts=1, seed=args.seed)
     secondary_cfg = InversionConfig(
-        iterations=args.secondary_iterations or args.iterations,
+        iterations=args.secondary_iterations,
         restarts=args.restarts,
         seed=args.seed,
     )

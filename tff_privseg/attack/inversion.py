@@ -167,7 +167,7 @@ def _seed_pair(seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InversionConfig:
-    iterations: int = 1200
+    iterations: int = 3000  # mean SSIM 0.50 / 0.58 / 0.62 at 600 / 2000 / 3000 (README)
     restarts: int = 2
     lr: float = 0.1  # Adam step on the image logits (signed gradients: the step per pixel)
     lr_schedule: Literal["step", "cosine", "cycles", "constant"] = "step"
