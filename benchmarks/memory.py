@@ -50,18 +50,20 @@ def proc_status(pid: int) -> dict[str, float] | None:
     return out if "VmRSS" in out else None
 
 
-def tree_memory(root: int) -> dict[str, float]:
-    """Summed VmRSS / VmHWM (MiB) of `root`'s process tree, and how many processes it has."""
+def tree_memory(root: int) -> dict[str, Any]:
+    """Summed VmRSS / VmHWM (MiB) of `root`'s process tree, how many processes it has, and
+    their pids."""
     rss = hwm = 0.0
+    pids = process_tree(root)
     n = 0
-    for pid in process_tree(root):
+    for pid in pids:
         s = proc_status(pid)
         if s is None:
             continue
         rss += s["VmRSS"]
         hwm += s.get("VmHWM", s["VmRSS"])
         n += 1
-    return {"rss_mib": rss, "hwm_mib": hwm, "processes": n}
+    return {"rss_mib": rss, "hwm_mib": hwm, "processes": n, "pids": pids}
 
 
 def _reset_peak() -> bool:
@@ -119,7 +121,7 @@ def train_rounds(build: Callable[[], Any], sites: int, rounds: int) -> dict[str,
             seconds = time.perf_counter() - t0
             own = proc_status(me) or {"VmRSS": 0.0, "VmHWM": 0.0}
             wk = tree_memory(bridge)
-            worker_pids = sorted(set(worker_pids) | set(process_tree(bridge)))
+            worker_pids = sorted(set(worker_pids) | set(wk["pids"]))
             rows.append(
                 {
                     "round": r + 1,

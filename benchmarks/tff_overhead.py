@@ -144,10 +144,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             deltas = []
             for i, site in enumerate(inputs()):
                 seed = tf.constant([7, i], tf.int64)
-                try:
-                    delta, _, _ = update(w0, site["batches"], seed, lr)
-                except TypeError:  # an update without the learning-rate argument
-                    delta, _, _ = update(w0, site["batches"], seed)
+                delta, _, _ = update(w0, site["batches"], seed, lr)
                 deltas.append([d.numpy() for d in delta])
             return [np.mean(d, axis=0) for d in zip(*deltas, strict=True)]
 

@@ -244,6 +244,8 @@ def _figure(
     resolution: int, torch_blocks: list[dict[str, Any]], our_blocks: list[dict[str, list[float]]]
 ) -> dict[str, Any]:
     """Pooled medians: PyTorch per variant at its fastest thread count, ours per variant."""
+    from benchmarks.common import log
+
     threads = list(torch_blocks[0]["samples_s"])
     pooled = {
         n: {
@@ -271,8 +273,6 @@ def _figure(
     if "opacus" in theirs:
         entry["opacus_over_torch"] = round(theirs["opacus"] / theirs["torch"], 3)
         entry["ours_dp_over_opacus"] = round(mine["dp_fast"] / theirs["opacus"], 3)
-    from benchmarks.common import log
-
     log("  " + "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in entry["seconds_per_step"].items()))
     return entry
 
