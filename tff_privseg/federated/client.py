@@ -71,14 +71,9 @@ def build_client_update(
             opt_state = optimizer.set_hparams(opt_state, {"learning_rate": lr})
         examples = tf.constant(0, tf.int64)
         loss_sum = tf.constant(0.0)
-        step = tf.constant(0, tf.int64)
-        # `iter(batches)`, not `batches`: AutoGraph turns `for b in dataset` into
-        # `dataset.scan(...).reduce(...)`, so the whole DP step would run as a tf.data function,
-        # instantiated (and graph-optimised) again for every new dataset, i.e. on every call, and
-        # run on tf.data's threads: ~3 s of CPU per site and round on top of ~1.6 s of steps
-        # (10 DP steps, 64 px U-Net, batch 8). Over an iterator the loop is a while_loop in this
-        # function's own graph, optimised once per trace (TFF's DATASET_ITERATOR loop does it).
-        for x, y, w in iter(batches):
+        count, buffered = _buffer(batches)
+        for step in tf.range(tf.cast(count, tf.int64)):
+            x, y, w = _read(buffered, tf.cast(step, tf.int32), batches.element_spec)
             step_seed = tf.random.experimental.stateless_fold_in(seed, step)
             grads, batch_loss = gradient(x, y, w, step_seed)
             opt_state, new_weights = optimizer.next(
@@ -88,8 +83,44 @@ def build_client_update(
                 var.assign(value)
             examples += tf.cast(tf.reduce_sum(w), tf.int64)
             loss_sum += batch_loss
-            step += 1
         delta = [a - b.read_value() for a, b in zip(initial_weights, variables, strict=True)]
         return delta, examples, loss_sum
 
     return client_update
+
+
+def _buffer(batches: tf.data.Dataset) -> tuple[tf.Tensor, tuple[tf.TensorArray, ...]]:
+    """Read every batch of the round into TensorArrays before any training step.
+
+    Measured (3 sites x 10 DP steps, 64 px U-Net, batch 8, 9 interleaved rounds): training
+    inside the loop over the dataset iterator took 1.3x the wall time of the same steps called
+    one by one from Python (3.11 s vs 2.43 s), reading the batches first and then training over
+    `tf.range` 1.05x (2.55 s); prefetching inside the loop did not help (3.37 s). The buffered
+    batches are the round's slices, which the site's dataset (`sampling.batches_dataset`)
+    already holds in memory: at most twice that, for the length of the round.
+
+    `iter(batches)`, not `batches`: AutoGraph turns `for b in dataset` into
+    `dataset.scan(...).reduce(...)`, which would instantiate the loop as a tf.data function
+    again for every new dataset, i.e. on every call.
+    """
+    specs = tf.nest.flatten(batches.element_spec)
+    arrays = tuple(
+        tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False, element_shape=s.shape)
+        for s in specs
+    )
+    count = tf.constant(0, tf.int32)
+    for element in iter(batches):
+        arrays = tuple(
+            a.write(count, t) for a, t in zip(arrays, tf.nest.flatten(element), strict=True)
+        )
+        count += 1
+    return count, arrays
+
+
+def _read(arrays: tuple[tf.TensorArray, ...], index: tf.Tensor, element_spec) -> tuple:
+    """Batch `index` from `_buffer`'s arrays, with the dataset's element structure and shapes."""
+    flat = [
+        tf.ensure_shape(a.read(index), s.shape)
+        for a, s in zip(arrays, tf.nest.flatten(element_spec), strict=True)
+    ]
+    return tf.nest.pack_sequence_as(element_spec, flat)
