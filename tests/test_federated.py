@@ -10,8 +10,9 @@ import tensorflow as tf
 
 from tff_privseg import config
 from tff_privseg.federated import sampling
-from tff_privseg.federated.client import DpSgdSpec
-from tff_privseg.federated.process import build_process
+from tff_privseg.federated.client import DpSgdSpec, build_client_update
+from tff_privseg.federated.process import build_process, tff_optimizer
+from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
 
 R = 8
 
@@ -104,6 +105,33 @@ def test_dp_sgd_round_is_deterministic_for_a_seed_and_noisy_across_seeds(tff_run
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert any(not np.allclose(x, z) for x, z in zip(a, c, strict=True))
+
+
+def test_dp_client_update_equals_its_steps_taken_one_by_one():
+    """The client function (batches buffered, then one DP step each) against a Python loop."""
+    lr, dp = 0.5, DpSgdSpec(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=3.0)
+    x, y = site_data(6, 0)
+    plan = [np.array([0, 1, 2]), np.array([], np.int64), np.array([3, 4]), np.array([5])]
+    seed = np.array([5, 7], np.int64)
+    model = model_fn()
+    w0 = [v.numpy() for v in model.trainable_variables]
+    update = build_client_update(model_fn, loss_fn, tff_optimizer("sgd", lr), dp)
+    delta, examples, _ = update(w0, sampling.batches_dataset(x, y, plan), seed, tf.constant(lr))
+
+    @tf.function
+    def step(x, y, step_seed):
+        query = SeededGaussianSumQuery(dp.l2_norm_clip, dp.noise_multiplier, step_seed)
+        return dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)[0]
+
+    for k, idx in enumerate(plan):
+        grads = step(x[idx], y[idx], tf.random.experimental.stateless_fold_in(seed, np.int64(k)))
+        for v, g in zip(model.trainable_variables, grads, strict=True):
+            v.assign_sub(lr * g)
+    by_hand = [w - v.numpy() for w, v in zip(w0, model.trainable_variables, strict=True)]
+    assert int(examples) == 6
+    assert max(float(np.abs(d).max()) for d in by_hand) > 1e-3  # the steps moved the weights
+    for got, want in zip(delta, by_hand, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
