@@ -96,9 +96,9 @@ def _buffer(batches: tf.data.Dataset) -> tuple[tf.Tensor, tuple[tf.TensorArray, 
     inside the loop over the dataset iterator took 1.3x the wall time of the same steps called
     one by one from Python (3.11 s vs 2.43 s), reading the batches first and then training over
     `tf.range` 1.05x (2.55 s); prefetching inside the loop did not help (3.37 s against 3.31 s
-    in another run). The buffered
-    batches are the round's slices, which the site's dataset (`sampling.batches_dataset`)
-    already holds in memory: at most twice that, for the length of the round.
+    in another run). The buffered batches are the round's slices, which the site's dataset
+    (`sampling.batches_dataset`) already holds in memory: at most twice that, for the length
+    of the round.
 
     `iter(batches)`, not `batches`: AutoGraph turns `for b in dataset` into
     `dataset.scan(...).reduce(...)`, which would instantiate the loop as a tf.data function
