@@ -12,7 +12,8 @@ depth 3 / 16 filters, 318k parameters).
 Cases (``--only``): gradient (batch 1, several slices, untrained model), round (same with the
 checkpoint of --run at --round), batch (batch sizes 1, 4, 8), delta (model delta after local
 steps: SGD lr 0.01, and the config's Adam), labels (masks reconstructed jointly), l2 (DLG
-distance), audit (--audit-runs).
+distance), audit (--audit-runs). A run adds its cases to attack.json; the cases already there
+are kept only if they came from the same config and data (by content hash), else dropped.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def main() -> None:
 
     out = Path(args.out)
     results_path = Path(args.results)
-    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
-    cases: dict[str, Any] = previous.get("cases", {})
+    source = {"config": args.config, "data": args.data, "data_fingerprint": fingerprint(args.data)}
+    cases: dict[str, Any] = previous_cases(results_path, source)
     target = load_target(None, args.config, 0)
     sites = load_sites(target.cfg.data, args.data)
     site = sites[0]
@@ -237,14 +238,43 @@ def main() -> None:
         ),
         "machine": machine(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": args.config,
-        "data": args.data,
+        **source,
         "cases": cases,
     }
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     log(f"wrote {results_path}")
     print(json.dumps({k: _brief(v) for k, v in cases.items()}))
+
+
+def fingerprint(data: str | Path) -> str:
+    """SHA-256 over the relative paths and bytes of the files under ``data`` (370 MB: ~1 s)."""
+    import hashlib
+
+    root = Path(data)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root)}\0".encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def previous_cases(results_path: Path, source: dict[str, str]) -> dict[str, Any]:
+    """The cases of an earlier results file, kept only if made from the same config and data.
+
+    ``--only`` adds cases to the results file; cases measured on other data (for example a
+    regenerated synthetic set under the same path) would otherwise sit next to new ones.
+    """
+    if not results_path.exists():
+        return {}
+    previous = json.loads(results_path.read_text())
+    cases = previous.get("cases", {})
+    if cases and any(previous.get(k) != v for k, v in source.items()):
+        log(f"{results_path}: earlier cases {sorted(cases)} came from other config/data: dropped")
+        return {}
+    return cases
 
 
 def _figure(case: dict[str, Any], out: Path, dest: Path, save_figure, cfg) -> None:

@@ -153,3 +153,22 @@ def test_bench_quick_privacy_utility(tmp_path):
     assert [row["variant"] for row in r["rows"]] == ["centralized", "fedavg", "dp_slice_eps8"]
     assert saved["quick"] is True and saved["rounds"] == 2 and "markdown" not in saved
     assert (tmp_path / "privacy_utility.md").read_text().startswith("| variant |")
+
+
+def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp_path):
+    attack = _benchmark("attack")
+    data = tmp_path / "data"
+    (data / "siteA").mkdir(parents=True)
+    volume = data / "siteA" / "case_0.nii.gz"
+    volume.write_bytes(b"v1")
+    source = {"config": "configs/default.toml", "data": str(data)}
+    source["data_fingerprint"] = attack.fingerprint(data)
+    results = tmp_path / "attack.json"
+    assert attack.previous_cases(results, source) == {}
+    results.write_text(json.dumps({**source, "cases": {"gradient": {"mean": 0.6}}}))
+    assert attack.previous_cases(results, source) == {"gradient": {"mean": 0.6}}
+    assert attack.previous_cases(results, {**source, "config": "configs/smoke.toml"}) == {}
+    volume.write_bytes(b"v2, regenerated")  # same path, other data
+    regenerated = {**source, "data_fingerprint": attack.fingerprint(data)}
+    assert regenerated["data_fingerprint"] != source["data_fingerprint"]
+    assert attack.previous_cases(results, regenerated) == {}
