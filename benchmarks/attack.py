@@ -248,12 +248,19 @@ def main() -> None:
 
 
 def fingerprint(data: str | Path) -> str:
-    """SHA-256 over the relative paths and bytes of the files under ``data`` (370 MB: ~1 s)."""
+    """SHA-256 over the relative paths and bytes of the files under ``data`` (370 MB: ~1 s).
+
+    Hidden entries (the preprocessing cache ``.cache``, which grows as runs use it) are left out.
+    """
     import hashlib
 
     root = Path(data)
+
+    def visible(p: Path) -> bool:
+        return p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+
     h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(filter(visible, root.rglob("*"))):
         h.update(f"{f.relative_to(root)}\0".encode())
         with f.open("rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):

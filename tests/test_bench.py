@@ -168,6 +168,9 @@ def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp
     results.write_text(json.dumps({**source, "cases": {"gradient": {"mean": 0.6}}}))
     assert attack.previous_cases(results, source) == {"gradient": {"mean": 0.6}}
     assert attack.previous_cases(results, {**source, "config": "configs/smoke.toml"}) == {}
+    (data / ".cache").mkdir()
+    (data / ".cache" / "entry.npz").write_bytes(b"preprocessed")  # the cache grows: same data
+    assert attack.fingerprint(data) == source["data_fingerprint"]
     volume.write_bytes(b"v2, regenerated")  # same path, other data
     regenerated = {**source, "data_fingerprint": attack.fingerprint(data)}
     assert regenerated["data_fingerprint"] != source["data_fingerprint"]
