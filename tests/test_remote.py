@@ -6,6 +6,7 @@ environment, and the module asserts at the end that none of them is left.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import selectors
@@ -26,7 +27,14 @@ from tff_privseg import config
 from tff_privseg.errors import UserError
 from tff_privseg.federated import sampling
 from tff_privseg.federated.pki import make_pki
-from tff_privseg.federated.remote import RemoteTls, parse_workers, probe, remote_runtime
+from tff_privseg.federated.remote import (
+    RemoteTls,
+    WorkerLost,
+    _tff_stub_class,
+    parse_workers,
+    probe,
+    remote_runtime,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"
@@ -186,6 +194,31 @@ def test_remote_runtime_with_a_foreign_certificate_fails_naming_the_worker(worke
     runtime = remote_runtime([workers[0].address], **_tls(other_pki), connect_timeout=2)
     with pytest.raises(UserError, match=re.escape(workers[0].address)), runtime:
         pass
+
+
+def test_unretrieved_worker_lost_tasks_print_nothing_more(caplog):
+    """A dead worker's error is reported once; sibling tasks' copies are not logged at exit."""
+    import asyncio
+    import gc
+
+    _tff_stub_class()  # building the remote stubs installs the asyncio log filter
+
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    def unretrieved(exc: Exception) -> None:
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail(exc))
+        loop.run_until_complete(asyncio.wait([task]))
+        loop.close()
+        del task
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        unretrieved(WorkerLost("10.0.0.2:8000", "is unreachable or died"))
+        assert "never retrieved" not in caplog.text
+        unretrieved(ValueError("another bug"))  # anything else is still reported
+        assert "never retrieved" in caplog.text and "another bug" in caplog.text
 
 
 def test_worker_addresses_are_validated():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 import ssl
@@ -96,8 +97,27 @@ class RemoteTls:
         )
 
 
+class _UnretrievedWorkerLost(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" report of a `WorkerLost`.
+
+    When a worker dies, TFF gathers the calls to it; the first `WorkerLost` ends the round with
+    its one-line error, and the sibling tasks' identical errors are never retrieved, so asyncio
+    logs each with a traceback when the task is garbage-collected (often at exit).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, WorkerLost)
+
+
+_QUIET = _UnretrievedWorkerLost()
+
+
 def _tff_stub_class():
     import tensorflow_federated as tff
+
+    if _QUIET not in logging.getLogger("asyncio").filters:
+        logging.getLogger("asyncio").addFilter(_QUIET)
 
     class WorkerStub(tff.framework.RemoteExecutorGrpcStub):
         """TFF's gRPC stub that names its worker and fails fast instead of retrying forever."""
