@@ -97,31 +97,35 @@ def _buffer(batches: tf.data.Dataset) -> tuple[tf.Tensor, tuple[tf.TensorArray, 
     one by one from Python (3.11 s vs 2.43 s), reading the batches first and then training over
     `tf.range` 1.05x (2.55 s); prefetching inside the loop did not help (3.37 s against 3.31 s
     in another run). The buffered batches are the round's slices, which the site's dataset
-    (`sampling.batches_dataset`) already holds in memory: at most twice that, for the length
-    of the round.
+    (`sampling.batches_dataset`) already holds in memory: at most twice that in host memory, for
+    the length of the round (the arrays stay on the CPU also when the steps run on a GPU).
 
     `iter(batches)`, not `batches`: AutoGraph turns `for b in dataset` into
     `dataset.scan(...).reduce(...)`, which would instantiate the loop as a tf.data function
     again for every new dataset, i.e. on every call.
     """
     specs = tf.nest.flatten(batches.element_spec)
-    arrays = tuple(
-        tf.TensorArray(s.dtype, size=0, dynamic_size=True, infer_shape=False, element_shape=s.shape)
-        for s in specs
-    )
-    count = tf.constant(0, tf.int32)
-    for element in iter(batches):
+    with tf.device("/CPU:0"):  # host memory, like the dataset: one batch at a time to a GPU
         arrays = tuple(
-            a.write(count, t) for a, t in zip(arrays, tf.nest.flatten(element), strict=True)
+            tf.TensorArray(
+                s.dtype, size=0, dynamic_size=True, infer_shape=False, element_shape=s.shape
+            )
+            for s in specs
         )
-        count += 1
+        count = tf.constant(0, tf.int32)
+        for element in iter(batches):
+            arrays = tuple(
+                a.write(count, t) for a, t in zip(arrays, tf.nest.flatten(element), strict=True)
+            )
+            count += 1
     return count, arrays
 
 
 def _read(arrays: tuple[tf.TensorArray, ...], index: tf.Tensor, element_spec) -> tuple:
     """Batch `index` from `_buffer`'s arrays, with the dataset's element structure and shapes."""
-    flat = [
-        tf.ensure_shape(a.read(index), s.shape)
-        for a, s in zip(arrays, tf.nest.flatten(element_spec), strict=True)
-    ]
+    with tf.device("/CPU:0"):
+        flat = [
+            tf.ensure_shape(a.read(index), s.shape)
+            for a, s in zip(arrays, tf.nest.flatten(element_spec), strict=True)
+        ]
     return tf.nest.pack_sequence_as(element_spec, flat)
