@@ -13,6 +13,7 @@ from tff_privseg.federated import sampling
 from tff_privseg.federated.client import DpSgdSpec, build_client_update
 from tff_privseg.federated.process import build_process, tff_optimizer
 from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
+from tff_privseg.privacy.records import record_dp_gradient
 
 R = 8
 
@@ -107,28 +108,46 @@ def test_dp_sgd_round_is_deterministic_for_a_seed_and_noisy_across_seeds(tff_run
     assert any(not np.allclose(x, z) for x, z in zip(a, c, strict=True))
 
 
-def test_dp_client_update_equals_its_steps_taken_one_by_one():
-    """The client function (batches buffered, then one DP step each) against a Python loop."""
-    lr, dp = 0.5, DpSgdSpec(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=3.0)
-    x, y = site_data(6, 0)
-    plan = [np.array([0, 1, 2]), np.array([], np.int64), np.array([3, 4]), np.array([5])]
+@pytest.mark.parametrize("group", [1, 2])
+def test_dp_client_update_equals_its_steps_taken_one_by_one(group):
+    """The client function (batches buffered, then one DP step each) against a Python loop.
+
+    group 1: slice records; group 2: patient records of 2 slots, one with a padding slot.
+    """
+    lr, clip, sigma = 0.5, 0.5, 1.0
+    dp = DpSgdSpec(clip, sigma, expected_batch_size=3.0, group=group)
+    x, y = site_data(8, 0)
+    if group == 1:
+        plan = [np.array([0, 1, 2]), np.array([], np.int64), np.array([3, 4]), np.array([5])]
+        weights = [np.ones(len(b), np.float32) for b in plan]
+    else:
+        plan = [np.array([0, 1, 2, 2]), np.array([], np.int64), np.array([4, 5, 6, 7])]
+        weights = [np.array([1, 1, 1, 0], np.float32), np.zeros(0, np.float32), np.ones(4)]
+        weights = [w.astype(np.float32) for w in weights]
     seed = np.array([5, 7], np.int64)
     model = model_fn()
     w0 = [v.numpy() for v in model.trainable_variables]
     update = build_client_update(model_fn, loss_fn, tff_optimizer("sgd", lr), dp)
-    delta, examples, _ = update(w0, sampling.batches_dataset(x, y, plan), seed, tf.constant(lr))
+    data = sampling.batches_dataset(x, y, plan, weights)
+    delta, examples, loss_sum = update(w0, data, seed, tf.constant(lr))
 
     @tf.function
-    def step(x, y, step_seed):
-        query = SeededGaussianSumQuery(dp.l2_norm_clip, dp.noise_multiplier, step_seed)
-        return dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)[0]
+    def step(x, y, w, step_seed):
+        query = SeededGaussianSumQuery(clip, clip * sigma, step_seed)
+        if group == 1:
+            return dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)
+        return record_dp_gradient(model, loss_fn, x, y, w, group, query, dp.expected_batch_size)
 
-    for k, idx in enumerate(plan):
-        grads = step(x[idx], y[idx], tf.random.experimental.stateless_fold_in(seed, np.int64(k)))
+    losses = []
+    for k, (idx, w) in enumerate(zip(plan, weights, strict=True)):
+        step_seed = tf.random.experimental.stateless_fold_in(seed, np.int64(k))
+        grads, loss = step(x[idx], y[idx], w, step_seed)
+        losses.append(float(loss))
         for v, g in zip(model.trainable_variables, grads, strict=True):
             v.assign_sub(lr * g)
     by_hand = [w - v.numpy() for w, v in zip(w0, model.trainable_variables, strict=True)]
-    assert int(examples) == 6
+    assert int(examples) == int(sum(w.sum() for w in weights))
+    np.testing.assert_allclose(float(loss_sum), sum(losses), rtol=1e-5)
     assert max(float(np.abs(d).max()) for d in by_hand) > 1e-3  # the steps moved the weights
     for got, want in zip(delta, by_hand, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
