@@ -107,7 +107,8 @@ class _UnretrievedWorkerLost(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, WorkerLost)
+        unretrieved = record.getMessage().startswith("Task exception was never retrieved")
+        return not (unretrieved and isinstance(exc, WorkerLost))
 
 
 _QUIET = _UnretrievedWorkerLost()
