@@ -13,7 +13,7 @@ Cases (``--only``): gradient (batch 1, several slices, untrained model), round (
 checkpoint of --run at --round), batch (batch sizes 1, 4, 8), delta (model delta after local
 steps: SGD lr 0.01, and the config's Adam), labels (masks reconstructed jointly), l2 (DLG
 distance), audit (--audit-runs). A run adds its cases to attack.json; the cases already there
-are kept only if they came from the same config and data (by content hash), else dropped.
+are kept only if they came from the same config settings and data content, else dropped.
 """
 
 from __future__ import annotations
@@ -100,7 +100,12 @@ def main() -> None:
 
     out = Path(args.out)
     results_path = Path(args.results)
-    source = {"config": args.config, "data": args.data, "data_fingerprint": fingerprint(args.data)}
+    source = {
+        "config": args.config,
+        "config_sha256": config_digest(args.config),
+        "data": args.data,
+        "data_fingerprint": fingerprint(args.data),
+    }
     cases: dict[str, Any] = previous_cases(results_path, source)
     target = load_target(None, args.config, 0)
     sites = load_sites(target.cfg.data, args.data)
@@ -247,6 +252,18 @@ def main() -> None:
     print(json.dumps({k: _brief(v) for k, v in cases.items()}))
 
 
+def config_digest(path: str | Path) -> str:
+    """SHA-256 of the config's settings (parsed TOML, so comments and layout do not count)."""
+    import hashlib
+    import tomllib
+
+    try:
+        settings = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""  # no readable config: nothing earlier matches; load_target reports the file
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def fingerprint(data: str | Path) -> str:
     """SHA-256 over the relative paths and bytes of the files under ``data`` (370 MB: ~1 s).
 
@@ -273,12 +290,14 @@ def previous_cases(results_path: Path, source: dict[str, str]) -> dict[str, Any]
 
     ``--only`` adds cases to the results file; cases measured on other data (for example a
     regenerated synthetic set under the same path) would otherwise sit next to new ones.
+    Compared by content (``config_sha256``, ``data_fingerprint``), not by path.
     """
     if not results_path.exists():
         return {}
     previous = json.loads(results_path.read_text())
     cases = previous.get("cases", {})
-    if cases and any(previous.get(k) != v for k, v in source.items()):
+    keys = ("config_sha256", "data_fingerprint")
+    if cases and any(previous.get(k) != source[k] for k in keys):
         log(f"{results_path}: earlier cases {sorted(cases)} came from other config/data: dropped")
         return {}
     return cases

@@ -161,13 +161,26 @@ def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp
     (data / "siteA").mkdir(parents=True)
     volume = data / "siteA" / "case_0.nii.gz"
     volume.write_bytes(b"v1")
-    source = {"config": "configs/default.toml", "data": str(data)}
-    source["data_fingerprint"] = attack.fingerprint(data)
+    config = tmp_path / "default.toml"
+    config.write_text("[train]\nrounds = 2\n")
+    source = {
+        "config": str(config),
+        "config_sha256": attack.config_digest(config),
+        "data": str(data),
+        "data_fingerprint": attack.fingerprint(data),
+    }
     results = tmp_path / "attack.json"
     assert attack.previous_cases(results, source) == {}
     results.write_text(json.dumps({**source, "cases": {"gradient": {"mean": 0.6}}}))
     assert attack.previous_cases(results, source) == {"gradient": {"mean": 0.6}}
-    assert attack.previous_cases(results, {**source, "config": "configs/smoke.toml"}) == {}
+    moved = {**source, "config": "elsewhere/default.toml", "data": "elsewhere/data"}
+    assert attack.previous_cases(results, moved) == {"gradient": {"mean": 0.6}}  # same content
+    config.write_text("# a comment\n[train]\nrounds   = 2\n")  # same settings
+    assert attack.config_digest(config) == source["config_sha256"]
+    config.write_text("[train]\nrounds = 3\n")  # edited config, same path
+    edited = {**source, "config_sha256": attack.config_digest(config)}
+    assert edited["config_sha256"] != source["config_sha256"]
+    assert attack.previous_cases(results, edited) == {}
     (data / ".cache").mkdir()
     (data / ".cache" / "entry.npz").write_bytes(b"preprocessed")  # the cache grows: same data
     assert attack.fingerprint(data) == source["data_fingerprint"]
