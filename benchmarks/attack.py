@@ -100,14 +100,14 @@ def main() -> None:
 
     out = Path(args.out)
     results_path = Path(args.results)
+    target = load_target(None, args.config, 0)
     source = {
         "config": args.config,
-        "config_sha256": config_digest(args.config),
+        "config_digest": target.cfg.digest(),
         "data": args.data,
         "data_fingerprint": fingerprint(args.data),
     }
     cases: dict[str, Any] = previous_cases(results_path, source)
-    target = load_target(None, args.config, 0)
     sites = load_sites(target.cfg.data, args.data)
     site = sites[0]
     slices = args.slices
@@ -252,18 +252,6 @@ def main() -> None:
     print(json.dumps({k: _brief(v) for k, v in cases.items()}))
 
 
-def config_digest(path: str | Path) -> str:
-    """SHA-256 of the config's settings (parsed TOML, so comments and layout do not count)."""
-    import hashlib
-    import tomllib
-
-    try:
-        settings = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return ""  # no readable config: nothing earlier matches; load_target reports the file
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
 def fingerprint(data: str | Path) -> str:
     """SHA-256 over the relative paths and bytes of the files under ``data`` (370 MB: ~1 s).
 
@@ -290,13 +278,14 @@ def previous_cases(results_path: Path, source: dict[str, str]) -> dict[str, Any]
 
     ``--only`` adds cases to the results file; cases measured on other data (for example a
     regenerated synthetic set under the same path) would otherwise sit next to new ones.
-    Compared by content (``config_sha256``, ``data_fingerprint``), not by path.
+    Compared by content (the resolved config's ``Config.digest()``, ``data_fingerprint``), not
+    by path.
     """
     if not results_path.exists():
         return {}
     previous = json.loads(results_path.read_text())
     cases = previous.get("cases", {})
-    keys = ("config_sha256", "data_fingerprint")
+    keys = ("config_digest", "data_fingerprint")
     if cases and any(previous.get(k) != source[k] for k in keys):
         log(f"{results_path}: earlier cases {sorted(cases)} came from other config/data: dropped")
         return {}

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.bench import bench
+from tff_privseg import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,7 +166,7 @@ def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp
     config.write_text("[train]\nrounds = 2\n")
     source = {
         "config": str(config),
-        "config_sha256": attack.config_digest(config),
+        "config_digest": config_lib.load(config).digest(),
         "data": str(data),
         "data_fingerprint": attack.fingerprint(data),
     }
@@ -176,10 +177,10 @@ def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp
     moved = {**source, "config": "elsewhere/default.toml", "data": "elsewhere/data"}
     assert attack.previous_cases(results, moved) == {"gradient": {"mean": 0.6}}  # same content
     config.write_text("# a comment\n[train]\nrounds   = 2\n")  # same settings
-    assert attack.config_digest(config) == source["config_sha256"]
+    assert config_lib.load(config).digest() == source["config_digest"]
     config.write_text("[train]\nrounds = 3\n")  # edited config, same path
-    edited = {**source, "config_sha256": attack.config_digest(config)}
-    assert edited["config_sha256"] != source["config_sha256"]
+    edited = {**source, "config_digest": config_lib.load(config).digest()}
+    assert edited["config_digest"] != source["config_digest"]
     assert attack.previous_cases(results, edited) == {}
     (data / ".cache").mkdir()
     (data / ".cache" / "entry.npz").write_bytes(b"preprocessed")  # the cache grows: same data

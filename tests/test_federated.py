@@ -122,8 +122,11 @@ def test_dp_client_update_equals_its_steps_taken_one_by_one(group):
         weights = [np.ones(len(b), np.float32) for b in plan]
     else:
         plan = [np.array([0, 1, 2, 2]), np.array([], np.int64), np.array([4, 5, 6, 7])]
-        weights = [np.array([1, 1, 1, 0], np.float32), np.zeros(0, np.float32), np.ones(4)]
-        weights = [w.astype(np.float32) for w in weights]
+        weights = [
+            np.array([1, 1, 1, 0], np.float32),
+            np.zeros(0, np.float32),
+            np.ones(4, np.float32),
+        ]
     seed = np.array([5, 7], np.int64)
     model = model_fn()
     w0 = [v.numpy() for v in model.trainable_variables]
