@@ -127,10 +127,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def load_keras_model(path: Path, resolution: int | None = None) -> Any:
     """``model.keras`` -> tf.keras.Model (uncompiled); input must be (None, R, R, 1)."""
-    import tensorflow as tf
+    from tff_privseg.models import load_model
 
     try:
-        model = tf.keras.models.load_model(path, compile=False)
+        model = load_model(path)
     except Exception as e:  # noqa: BLE001 - any failure to deserialise is the file's problem
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"cannot load the Keras model ({first})", path) from None

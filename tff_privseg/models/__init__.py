@@ -7,15 +7,21 @@ Both output probabilities in float32: one sigmoid channel for binary segmentatio
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import tensorflow as tf
 
 from tff_privseg.config import ModelConfig
 from tff_privseg.models._layers import META_ATTR, group_count
+from tff_privseg.models.group_norm import GroupNorm
 from tff_privseg.models.monet import monet
 from tff_privseg.models.unet import unet
 
 BUILDERS = {"unet": unet, "monet": monet}
+
+# The project's own Keras layers, by their registered names. Passed explicitly when loading so
+# that a `.keras` file loads in a process that never imported this package's layer modules.
+CUSTOM_OBJECTS = {"tff_privseg>GroupNorm": GroupNorm}
 
 
 def build_model(
@@ -57,9 +63,24 @@ def model_meta(model: tf.keras.Model) -> dict:
     return json.loads(raw) if isinstance(raw, str) else {"name": model.name}
 
 
+def load_model(path: str | Path) -> tf.keras.Model:
+    """A `.keras` file saved from one of these models -> uncompiled Keras model."""
+    return tf.keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS, compile=False)
+
+
 def count_params(model: tf.keras.Model) -> int:
     """Number of trainable parameters."""
     return int(sum(int(tf.size(v)) for v in model.trainable_variables))
 
 
-__all__ = ["BUILDERS", "build_model", "count_params", "group_count", "model_meta", "monet", "unet"]
+__all__ = [
+    "BUILDERS",
+    "CUSTOM_OBJECTS",
+    "build_model",
+    "count_params",
+    "group_count",
+    "load_model",
+    "model_meta",
+    "monet",
+    "unet",
+]
