@@ -23,6 +23,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinity (click's FLOAT and FloatRange accept "nan":
+    every comparison with it is false), within [lo, hi] (lo excluded when ``lo_open``)."""
+
+    name = "number"
+
+    def __init__(self, lo: float, hi: float, lo_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        above = number > self.lo if self.lo_open else number >= self.lo
+        if not (math.isfinite(number) and above and number <= self.hi):
+            bound = "(" if self.lo_open else "["
+            self.fail(f"{value!r} is not a finite number in {bound}{self.lo:g}, {self.hi:g}]")
+        return number
+
+
 def json_option(fn: Callable) -> Callable:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."

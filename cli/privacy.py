@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
+from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 @click.command()
@@ -21,7 +21,7 @@ from cli.common import emit, handle_errors, json_option
 )
 @click.option(
     "--target-epsilon",
-    type=float,
+    type=FiniteFloat(0, 1e6, lo_open=True),
     help="Find the noise multiplier that reaches this ε after the configured rounds.",
 )
 @json_option
