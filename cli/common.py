@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from tff_privseg.errors import UserError
+from tff_privseg.errors import UserError, printable
 
 # Keep TensorFlow's C++ start-up chatter and pfor fallback warnings off the user's terminal
 # (set before TF is imported).
@@ -156,7 +156,9 @@ def handle_errors(fn: Callable) -> Callable:
             if debug:
                 raise
             click.echo(
-                f"error: {type(e).__name__}: {_first_line(e)} (--debug shows the traceback)",
+                printable(
+                    f"error: {type(e).__name__}: {_first_line(e)} (--debug shows the traceback)"
+                ),
                 err=True,
             )
             sys.exit(1)
