@@ -3,8 +3,9 @@
 Cache entries live under ``cfg.cache_dir`` (default ``<root>/.cache``) as
 ``SITE/CASE.<key>.npz``; the key hashes the preprocessing settings, the declared label set and
 the bytes of the image and label files (BLAKE2b), so an edited or corrupted file, whatever its
-mtime, or a changed setting is simply a miss (and the file is validated again). Entries are written to a temp file and renamed, never half-written; an unreadable entry is
-recomputed. A read-only dataset folder just runs uncached.
+mtime, or a changed setting is simply a miss (and the file is validated again). Entries are
+written to a temp file and renamed, never half-written; an unreadable entry is recomputed.
+A read-only dataset folder just runs uncached.
 """
 
 from __future__ import annotations
