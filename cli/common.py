@@ -20,6 +20,10 @@ from tff_privseg.errors import UserError, printable
 # Keep TensorFlow's C++ start-up chatter and pfor fallback warnings off the user's terminal
 # (set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gRPC's C core logs each failed TLS handshake / lost connection to a remote worker on stderr
+# (8 lines before our one-line error, and absl's "before InitializeLog" banner): the error
+# already says what happened. GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings it back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
