@@ -33,13 +33,14 @@ def privacy(
 
     With --target-epsilon: the smallest noise multiplier that keeps every site within it.
     """
+    from tff_privseg import config as config_lib
+
+    cfg = config_lib.load(config_path)  # before TensorFlow loads: a bad config fails at once
     import numpy as np
 
-    from tff_privseg import config as config_lib
     from tff_privseg.federated.train import load_training_data, records
     from tff_privseg.privacy.planning import patient_view, privacy_plan
 
-    cfg = config_lib.load(config_path)
     sites = load_training_data(cfg, data_root, progress=False)
     plan = privacy_plan(cfg, {s.name: records(cfg, s) for s in sites}, target_epsilon)
     if cfg.privacy.level == "sample" and cfg.privacy.unit == "slice":

@@ -378,6 +378,19 @@ def remote_runtime(
             channel.close()
 
 
+def check_remote_args(workers: str | Sequence[str] | None, tls_dir: str | Path | None) -> None:
+    """`--workers` / `--tls-dir` checked before any data is read: the addresses, and each
+    credential file (it names the bad one). `runtime_for` applies the same rules."""
+    if not workers:
+        if tls_dir is not None:
+            raise UserError("--tls-dir is for remote workers: give --workers HOST:PORT,...")
+        return
+    parse_workers(workers)
+    if tls_dir is None:
+        raise UserError("--workers needs --tls-dir DIR (client.pem, client.key, ca.pem)")
+    TlsFiles.client(tls_dir).check()
+
+
 def runtime_for(
     workers: str | Sequence[str] | None,
     tls: RemoteTls | str | Path | None = None,
