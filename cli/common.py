@@ -44,7 +44,8 @@ class FiniteFloat(click.ParamType):
         above = number > self.lo if self.lo_open else number >= self.lo
         if not (math.isfinite(number) and above and number <= self.hi):
             bound = "(" if self.lo_open else "["
-            self.fail(f"{value!r} is not a finite number in {bound}{self.lo:g}, {self.hi:g}]")
+            lo, hi = (f"{x:.0f}" if float(x).is_integer() else f"{x:g}" for x in (self.lo, self.hi))
+            self.fail(f"{value!r} is not a finite number in {bound}{lo}, {hi}]")
         return number
 
 

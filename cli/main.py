@@ -34,6 +34,8 @@ COMMANDS = {
 def _one_line(error: click.UsageError) -> click.UsageError:
     """A usage error (bad option value, missing argument) shown like every other error: one
     line on stderr, ``error: ...`` (click's default is usage, hint and message on 3+ lines)."""
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        return error  # no arguments at all: click shows the help, as it should
     ctx = error.ctx
 
     def show(file: object = None) -> None:

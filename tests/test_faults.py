@@ -293,6 +293,8 @@ CASES = [
      ("--target-epsilon", "finite")),
     ("rounds-overflow-option", nothing, "train --config {cfg} --rounds 1000000000000 --out {out}",
      ("cfg.toml", "train.rounds", "1000000000000")),
+    ("rounds-not-a-number-option", nothing, "train --config {cfg} --rounds x --out {out}",
+     ("--rounds", "not a valid integer")),
     ("seed-negative", config(train__seed=-1), "config validate {cfg}", ("train.seed",)),
     ("batch-size-2e62", config(train__batch_size=2**62), "config validate {cfg}",
      ("train.batch_size", "out of range")),
