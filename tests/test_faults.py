@@ -195,6 +195,12 @@ def broken_symlink(root: Path) -> None:
         (site / kind / "moved.nii.gz").symlink_to(root / "elsewhere" / f"{kind}.nii.gz")
 
 
+def folder_as_image(root: Path) -> None:
+    site = by_name(root)
+    for kind in ("imagesTr", "labelsTr"):
+        (site / kind / "odd.nii.gz").mkdir()
+
+
 def unreadable(root: Path) -> None:
     site = by_name(root)
     for kind in ("imagesTr", "labelsTr"):
@@ -308,6 +314,8 @@ CASES = [
      ("loop.nii.gz", "symlink loop")),
     ("broken-symlink-pair", dataset(broken_symlink), "data check {data}",
      ("moved.nii.gz", "broken symlink")),
+    ("folder-named-like-an-image", dataset(folder_as_image), "data check {data}",
+     ("odd.nii.gz", "not a regular file")),
     pytest.param(dataset(unreadable), "data check {data}", ("siteA_case000.nii.gz", "cannot read"),
                  id="unreadable-pair", marks=ROOT_ONLY),
     ("corrupted-in-place-same-mtime", corrupted_after_a_clean_check, "data check {data}",
