@@ -7,8 +7,9 @@ unchanged when it existed); no TFF worker process and no worker socket folder le
 
 A case is one row of CASES: `(id, setup, argv, needles)`. `setup(ctx)` writes what the case needs
 into `ctx["tmp"]` and adds placeholders; argv is formatted with `{data}` (a small synthetic
-dataset made once per module), `{tmp}`, `{out}`, `{pki}` (a test PKI) and `{cfg}` (a tiny valid
-config on `{data}`). Most cases fail before TensorFlow loads (well under a second each).
+dataset made once per module), `{tmp}`, `{out}`, `{pki}` (a test PKI), `{cfg}` (a tiny valid
+config on `{data}`) and what setup adds (`{worker}`). Most cases fail before TensorFlow loads
+(well under a second each).
 """
 
 from __future__ import annotations
@@ -259,14 +260,19 @@ def not_tls_listener(c: dict) -> None:
 
     threading.Thread(target=serve, daemon=True).start()
     c["worker"] = f"127.0.0.1:{srv.getsockname()[1]}"
-    c["_close"] = srv.close
+
+    def close() -> None:
+        srv.shutdown(socket.SHUT_RDWR)  # wakes the accept() (Linux)
+        srv.close()
+
+    c["_close"] = close
 
 
 def nothing(c: dict) -> None:
     pass
 
 
-ROOT_ONLY = pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+NOT_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 
 
 class HalfWritten(AssertionError):
@@ -317,7 +323,7 @@ CASES = [
     ("folder-named-like-an-image", dataset(folder_as_image), "data check {data}",
      ("odd.nii.gz", "not a regular file")),
     pytest.param(dataset(unreadable), "data check {data}", ("siteA_case000.nii.gz", "cannot read"),
-                 id="unreadable-pair", marks=ROOT_ONLY),
+                 id="unreadable-pair", marks=NOT_ROOT),
     ("corrupted-in-place-same-mtime", corrupted_after_a_clean_check, "data check {data}",
      ("siteA_case000.nii.gz", "NIfTI")),
     # 4. TLS files and remote workers.
