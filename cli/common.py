@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # (8 lines before our one-line error, and absl's "before InitializeLog" banner): the error
 # already says what happened. GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings it back.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+logging.getLogger("absl").setLevel(logging.ERROR)  # TFF's Python-side warnings (absl logging)
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
