@@ -87,8 +87,9 @@ def _start_time(pid: int) -> str | None:
 def remove_stale_worker_dirs(parent: str | None = None) -> list[str]:
     """Remove socket folders of runs that were killed outright (SIGKILL, OOM, power loss).
 
-    A folder is stale when its owner process (pid and start time, written at creation) is gone.
-    Only this user's folders are touched. Returns the folders removed.
+    A folder is stale when its owner process (pid and start time, written at creation) is gone
+    and nothing answers on its socket. Only this user's folders are touched. Returns the folders
+    removed.
     """
     import shutil
 
@@ -101,10 +102,23 @@ def remove_stale_worker_dirs(parent: str | None = None) -> list[str]:
             pid, started = (folder / _OWNER).read_text().split()
         except (OSError, ValueError):
             continue  # not ours, being created right now, or from an older release
-        if _start_time(int(pid)) != started:
+        if _start_time(int(pid)) != started and not _answers(folder / "worker.sock"):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(str(folder))
     return removed
+
+
+def _answers(sock_path: Path) -> bool:
+    """Someone still serves this socket (an owner in another pid namespace, say)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(sock_path))
+        except OSError:
+            return False
+    return True
 
 
 def start_local_worker(timeout: float = 60.0) -> LocalWorker:
