@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
+from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 def _load(run_dir: str | None, config_path: str | None, data_root: str | None, round_num):
@@ -80,8 +80,16 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
     help="Adam iterations per restart (about 4 min per reconstruction at 64x64 on 2 cores).",
 )
 @click.option("--restarts", type=int, default=2, show_default=True)
-@click.option("--tv", "tv_weight", type=float, default=0.1, show_default=True, help="TV weight.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Adam step size.")
+@click.option(
+    "--tv", "tv_weight", type=FiniteFloat(0, 1e6), default=0.1, show_default=True, help="TV weight."
+)
+@click.option(
+    "--lr",
+    type=FiniteFloat(0, 1e3, lo_open=True),
+    default=0.1,
+    show_default=True,
+    help="Adam step size.",
+)
 @click.option("--no-smooth", is_flag=True, help="Differentiate the real ReLU model only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

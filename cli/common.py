@@ -15,12 +15,39 @@ from typing import Any
 
 import click
 
-from tff_privseg.errors import UserError
+from tff_privseg.errors import UserError, printable
 
 # Keep TensorFlow's C++ start-up chatter and pfor fallback warnings off the user's terminal
 # (set before TF is imported).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gRPC's C core logs each failed TLS handshake / lost connection to a remote worker on stderr
+# (8 lines before our one-line error, and absl's "before InitializeLog" banner): the error
+# already says what happened. GRPC_VERBOSITY=ERROR (or DEBUG) in the environment brings it back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+logging.getLogger("absl").setLevel(logging.ERROR)  # TFF's Python-side warnings (absl logging)
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinity (click's FLOAT and FloatRange accept "nan":
+    every comparison with it is false), within [lo, hi] (lo excluded when ``lo_open``)."""
+
+    name = "number"
+
+    def __init__(self, lo: float, hi: float, lo_open: bool = False) -> None:
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        above = number > self.lo if self.lo_open else number >= self.lo
+        if not (math.isfinite(number) and above and number <= self.hi):
+            bound = "(" if self.lo_open else "["
+            lo, hi = (f"{x:.0f}" if float(x).is_integer() else f"{x:g}" for x in (self.lo, self.hi))
+            self.fail(f"{value!r} is not a finite number in {bound}{lo}, {hi}]")
+        return number
 
 
 def json_option(fn: Callable) -> Callable:
@@ -135,7 +162,9 @@ def handle_errors(fn: Callable) -> Callable:
             if debug:
                 raise
             click.echo(
-                f"error: {type(e).__name__}: {_first_line(e)} (--debug shows the traceback)",
+                printable(
+                    f"error: {type(e).__name__}: {_first_line(e)} (--debug shows the traceback)"
+                ),
                 err=True,
             )
             sys.exit(1)

@@ -31,7 +31,34 @@ COMMANDS = {
 }
 
 
+def _one_line(error: click.UsageError) -> click.UsageError:
+    """A usage error (bad option value, missing argument) shown like every other error: one
+    line on stderr, ``error: ...`` (click's default is usage, hint and message on 3+ lines)."""
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        return error  # no arguments at all: click shows the help, as it should
+    ctx = error.ctx
+
+    def show(file: object = None) -> None:
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        click.echo(f"error: {error.format_message()}{hint}", err=True)
+
+    error.show = show  # type: ignore[method-assign]
+    return error
+
+
 class LazyGroup(click.Group):
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(name for name, target in COMMANDS.items() if _exists(target))
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
+from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 @click.command()
@@ -21,7 +21,7 @@ from cli.common import emit, handle_errors, json_option
 )
 @click.option(
     "--target-epsilon",
-    type=float,
+    type=FiniteFloat(0, 1e6, lo_open=True),
     help="Find the noise multiplier that reaches this ε after the configured rounds.",
 )
 @json_option
@@ -33,13 +33,14 @@ def privacy(
 
     With --target-epsilon: the smallest noise multiplier that keeps every site within it.
     """
+    from tff_privseg import config as config_lib
+
+    cfg = config_lib.load(config_path)  # before TensorFlow loads: a bad config fails at once
     import numpy as np
 
-    from tff_privseg import config as config_lib
     from tff_privseg.federated.train import load_training_data, records
     from tff_privseg.privacy.planning import patient_view, privacy_plan
 
-    cfg = config_lib.load(config_path)
     sites = load_training_data(cfg, data_root, progress=False)
     plan = privacy_plan(cfg, {s.name: records(cfg, s) for s in sites}, target_epsilon)
     if cfg.privacy.level == "sample" and cfg.privacy.unit == "slice":

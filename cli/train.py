@@ -78,7 +78,6 @@ def train(
     from pathlib import Path
 
     from tff_privseg import config as config_lib
-    from tff_privseg.federated.train import train as run_training
 
     overrides: dict[str, Any] = {}
     if rounds is not None:
@@ -88,7 +87,13 @@ def train(
     if privacy_level is not None:
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
+    if workers or tls_dir:
+        from tff_privseg.federated.remote import check_remote_args
+
+        check_remote_args(workers, tls_dir)
     out = out or f"runs/{Path(config_path).stem}-{cfg.digest()}"
+    from tff_privseg.federated.train import train as run_training  # TensorFlow: after the checks
+
     summary = run_training(
         cfg,
         out,

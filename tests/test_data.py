@@ -340,12 +340,19 @@ def test_cache_is_reused_invalidated_and_never_half_written(
     assert [v.z_range for v in again[0].test.volumes] == [v.z_range for v in first[0].test.volumes]
 
     image = root / "siteA" / "imagesTr" / "siteA_case001.nii.gz"
-    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: same content
     entries[0].write_bytes(b"garbage")  # an unreadable entry is recomputed
     load_sites(cfg, root)
-    assert len(calls) == 2
+    assert len(calls) == 1
     load_sites(DataConfig(resolution=32, crop_slices=4, test_fraction=0.25, val_fraction=0), root)
-    assert len(calls) == 6  # other settings, other keys
+    assert len(calls) == 5  # other settings, other keys
+
+    # Corrupted in place, size and mtime kept: the key is the content, so it is read again.
+    image.write_bytes(b"\0" * stat.st_size)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match="siteA_case001"):
+        load_sites(cfg, root)
 
 
 def test_site_dataset_batches_have_model_shapes_and_dtypes() -> None:

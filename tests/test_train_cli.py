@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import alive, tagged_worker_pids
 
 from tff_privseg.privacy.accounting import epsilon_of_ledger
 
@@ -27,25 +28,7 @@ TAG = f"tff-privseg-test-{os.getpid()}"  # in the environment of every process w
 
 def worker_pids() -> set[int]:
     """TFF workers started (directly or not) by this test module's CLI processes."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes()
-                env = (proc / "environ").read_bytes()
-            except OSError:
-                continue
-            if b"worker_binary" in cmd and TAG.encode() in env and alive(int(proc.name)):
-                pids.add(int(proc.name))
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
+    return tagged_worker_pids(TAG)
 
 
 def cli(*args: str) -> subprocess.Popen:

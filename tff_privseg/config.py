@@ -179,6 +179,47 @@ def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(dumps(cfg))
 
 
+MAX_INT = 2**53  # any integer or float setting beyond this is a typo (and float-exact below it)
+_SEED = (0, 2**31 - 1)  # TF and NumPy seeds alike
+# Plain bounds, checked first: an absurd value fails here with one line, not deep inside
+# NumPy (OverflowError), the accountant (hours of work) or memory. Tuples: every element.
+_RANGES: dict[str, tuple[float, float]] = {
+    "data.resolution": (8, 4096),
+    "data.foreground_labels": (0, 2**31 - 1),
+    "data.num_classes": (1, 256),
+    "data.crop_slices": (0, 100_000),
+    "data.split_seed": _SEED,
+    "data.synth.sites": (1, 500),
+    "data.synth.volumes_per_site": (1, 100_000),
+    "data.synth.seed": _SEED,
+    "data.synth.shape": (8, 2048),
+    "data.augment.rotation": (0, 180),
+    "data.augment.translate": (0, 1),
+    "data.augment.scale": (0, 0.99),
+    "data.augment.noise_std": (0, 10),
+    "data.augment.noise_prob": (0, 1),
+    "model.depth": (1, 8),
+    "model.base_filters": (1, 4096),
+    "model.groups": (1, 4096),
+    "model.dropout": (0, 0.99),
+    "train.rounds": (1, 1_000_000),
+    "train.local_steps": (0, 1_000_000),
+    "train.local_epochs": (0, 10_000),
+    "train.batch_size": (1, 1_000_000),
+    "train.beta1": (0, 0.999999),
+    "train.beta2": (0, 0.999999),
+    "train.weight_decay": (0, 1),
+    "train.sites_per_round": (0, 100_000),
+    "train.seed": _SEED,
+    "privacy.noise_multiplier": (0, 1e6),
+    "privacy.l2_norm_clip": (0, 1e6),
+    "privacy.target_epsilon": (0, 1e6),
+    "privacy.clip_learning_rate": (0, 1e3),
+    "privacy.clipped_count_stddev": (0, 1e6),
+    "privacy.slices_per_patient": (1, 100_000),
+}
+
+
 def validate(cfg: Config, source: str) -> None:
     """Cross-field checks that types alone cannot express."""
 
@@ -186,6 +227,14 @@ def validate(cfg: Config, source: str) -> None:
         raise UserError(f"{key}: {why}", source)
 
     d, t, p = cfg.data, cfg.train, cfg.privacy
+    for key, (lo, hi) in _RANGES.items():
+        section, *rest = key.split(".")
+        value = getattr(cfg, section)
+        for part in rest:
+            value = getattr(value, part)
+        for v in value if isinstance(value, tuple) else (value,):
+            if not lo <= v <= hi:
+                bad(key, f"must be in [{_num(lo)}, {_num(hi)}], got {_short(v)}")
     if d.resolution < 8 or d.resolution % 2**cfg.model.depth:
         bad(
             "data.resolution",
@@ -290,11 +339,17 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{key}: expected an integer, got {value!r}", source)
+            raise UserError(f"{key}: expected an integer, got {_short(value)}", source)
+        if not -MAX_INT <= value <= MAX_INT:  # TOML integers are 64-bit; ours are far smaller
+            raise UserError(f"{key}: {_short(value)} is out of range", source)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{key}: expected a number, got {value!r}", source)
+            raise UserError(f"{key}: expected a number, got {_short(value)}", source)
+        # No setting has a meaning for NaN or infinity (an unbounded budget is 0, not inf):
+        # NaN passes every `<`/`>` check below and spun the privacy accountant forever.
+        if not -MAX_INT <= value <= MAX_INT:  # (false for NaN too)
+            raise UserError(f"{key}: must be a finite number, got {_short(value)}", source)
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -303,6 +358,15 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if isinstance(hint, types.UnionType):  # pragma: no cover - not used yet
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _undot(flat: dict[str, Any]) -> dict[str, Any]:

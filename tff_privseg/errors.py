@@ -10,5 +10,15 @@ class UserError(Exception):
     """
 
     def __init__(self, message: str, path: object | None = None) -> None:
-        self.path = None if path is None else str(path)
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        self.path = None if path is None else printable(str(path))
+        super().__init__(printable(f"{self.path}: {message}" if self.path else message))
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on any terminal: a file name's undecodable bytes (which Python
+    keeps as lone surrogates, e.g. ``site\udcffB``) are shown escaped (``site\\xffB``)."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode()
+    return raw.decode("utf-8", "backslashreplace")

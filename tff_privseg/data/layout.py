@@ -18,7 +18,9 @@ channel suffix). A case id may occur at one site only: one patient, one hospital
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -57,13 +59,44 @@ def case_id(path: Path) -> str | None:
     return None
 
 
+def _utf8_name(path: Path, what: str) -> None:
+    """Site and case names travel into JSON, TOML and CSV: they must be text."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} name is not valid UTF-8; rename it", path) from None
+
+
+def check_readable_file(path: Path) -> None:
+    """A CT or label file must be a readable regular file (a symlink to one is fine)."""
+    if not path.is_file():  # (follows symlinks; False for loops and dangling links)
+        if path.is_symlink():
+            try:
+                path.stat()
+                why = "a symlink to something that is not a regular file"
+            except OSError as e:
+                why = "a symlink loop" if e.errno == errno.ELOOP else "a broken symlink"
+            raise UserError(f"{why} (-> {os.readlink(path)})", path)
+        raise UserError("not a regular file", path)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise UserError(f"cannot read the file ({e.strerror or e})", path) from None
+
+
 def _nifti_files(folder: Path) -> dict[str, Path]:
-    """Case id -> file, for the visible NIfTI files of a folder (macOS ``._x`` files skipped)."""
+    """Case id -> file, for the visible NIfTI files of a folder (macOS ``._x`` files skipped).
+
+    A NIfTI name that is no readable file (a broken or looping symlink, a folder, no read
+    permission) is an error, not silently one patient fewer."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         cid = case_id(path)
-        if cid is None or path.name.startswith(".") or not path.is_file():
+        if cid is None or path.name.startswith("."):
             continue
+        _utf8_name(path, "file")
+        check_readable_file(path)
         if cid in found:
             raise UserError(f"two files for case '{cid}' ({found[cid].name})", path)
         found[cid] = path
@@ -115,8 +148,9 @@ def _read_msd(site: Path) -> SiteFiles:
             raise UserError(f'training[{i}] needs "image" and "label"', meta)
         image, label = site / entry["image"], site / entry["label"]
         for path in (image, label):
-            if not path.is_file():
+            if not path.is_file() and not path.is_symlink():
                 raise UserError(f"file listed in dataset.json (training[{i}]) is missing", path)
+            check_readable_file(path)
         cid = case_id(image)
         if cid is None:
             raise UserError(f"training[{i}] image is not a .nii/.nii.gz file", meta)
@@ -155,12 +189,17 @@ def discover_sites(root: str | Path, layout: Layout = "auto") -> list[SiteFiles]
         raise UserError(
             "this folder is itself one site; pass the folder that holds the site folders", root
         )
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    for p in entries:
+        if p.is_symlink() and not p.exists():
+            raise UserError("a broken symlink or symlink loop where a site folder may be", p)
+    folders = [p for p in entries if p.is_dir()]
     if not folders:
         raise UserError("no site folders found (expected one sub-folder per site)", root)
     sites: list[SiteFiles] = []
     seen: dict[str, str] = {}
     for folder in folders:
+        _utf8_name(folder, "site folder")
         kind = _detect(folder) if layout == "auto" else layout
         site = _read_msd(folder) if kind == "msd" else _read_images_labels(folder)
         if not site.cases:

@@ -2,9 +2,10 @@
 
 Cache entries live under ``cfg.cache_dir`` (default ``<root>/.cache``) as
 ``SITE/CASE.<key>.npz``; the key hashes the preprocessing settings, the declared label set and
-each file's resolved path, size and mtime, so an edited file or a changed setting is simply a
-miss. Entries are written to a temp file and renamed, never half-written; an unreadable entry is
-recomputed. A read-only dataset folder just runs uncached.
+the bytes of the image and label files (BLAKE2b), so an edited or corrupted file, whatever its
+mtime, or a changed setting is simply a miss (and the file is validated again). Entries are
+written to a temp file and renamed, never half-written; an unreadable entry is recomputed.
+A read-only dataset folder just runs uncached.
 """
 
 from __future__ import annotations
@@ -81,15 +82,20 @@ def cache_root(cfg: DataConfig, root: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else root / ".cache"
 
 
-def _file_id(path: Path) -> list:
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+def file_digest(path: Path) -> str:
+    """BLAKE2b of the file's bytes, streamed (the cache is keyed on content, not on size and
+    mtime: a file rewritten in place with its old mtime was served from the cache as valid)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_key(case: CaseFiles, cfg: DataConfig, allowed: set[int]) -> str | None:
-    """Hash of settings + file identities; None when a file is missing (no caching)."""
+    """Hash of settings + file contents; None when a file cannot be read (no caching)."""
     try:
-        files = [_file_id(case.image), _file_id(case.label)]
+        files = [file_digest(case.image), file_digest(case.label)]
     except OSError:
         return None
     blob = json.dumps(

@@ -7,6 +7,8 @@ runs to the patient's Right, axis 1 to Anterior, axis 2 to Superior), so axis 2 
 
 from __future__ import annotations
 
+import math
+import os
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -79,7 +81,43 @@ def open_nifti(path: str | Path) -> nib.Nifti1Image:
         raise UserError(f"expected a 3D volume, got shape {tuple(img.shape)}", path)
     if min(img.shape) < 1:
         raise UserError(f"empty volume, shape {tuple(img.shape)}", path)
+    check_size(img, path)
     return img
+
+
+MAX_VOXELS = 2**31  # a 512 x 512 x 8192 CT; larger is a broken (or hostile) header
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        return 1 << 62
+
+
+def check_size(img: nib.Nifti1Image, path: str | Path) -> None:
+    """Refuse a header whose volume could not be loaded, before loading it.
+
+    Reading allocates the whole array (in its stored type, float64 when the header scales
+    values): a header claiming 30000^3 voxels would otherwise end in a MemoryError or the OOM
+    killer. The limit is MAX_VOXELS and this machine's physical memory.
+    """
+    shape = tuple(int(s) for s in img.shape)
+    voxels = math.prod(shape)
+    slope, inter = img.header.get_slope_inter()
+    scaled = (slope is not None and slope != 1) or (inter is not None and inter != 0)
+    itemsize = 8 if scaled else np.dtype(img.get_data_dtype()).itemsize
+    needed, memory = voxels * itemsize, _memory_bytes()
+    if voxels > MAX_VOXELS or needed > memory:
+        raise UserError(
+            f"header claims {'x'.join(map(str, shape))} voxels ({_gib(needed)} in memory, "
+            f"this machine has {_gib(memory)}; at most {MAX_VOXELS} voxels): not loading it",
+            path,
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 def read_canonical(img: nib.Nifti1Image, path: str | Path) -> tuple[np.ndarray, np.ndarray]:

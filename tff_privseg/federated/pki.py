@@ -51,10 +51,51 @@ class TlsFiles:
         return cls(d / CLIENT_CERT, d / CLIENT_KEY, d / CA_CERT)
 
     def check(self) -> TlsFiles:
+        """Each file exists and holds what it should; the key is private and fits the cert.
+
+        Errors name the file at fault (OpenSSL's own errors name none, so a bad --ca was
+        reported against the certificate). A private key that others may read is refused, as
+        ssh refuses one: it has to be assumed copied, and the certificate must be re-issued.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         for what, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
             if not Path(path).is_file():
                 raise UserError(f"TLS {what} file not found", path)
+        certs = {}
+        for what, path in (("certificate", self.cert), ("CA certificate", self.ca)):
+            try:
+                certs[what] = x509.load_pem_x509_certificates(_read(path))
+            except ValueError:
+                raise UserError(f"not a PEM {what} (expected BEGIN CERTIFICATE)", path) from None
+        mode = Path(self.key).stat().st_mode & 0o777
+        if mode & 0o077:
+            raise UserError(
+                f"private key is accessible by other users (mode {mode:04o}); "
+                f"run: chmod 600 {self.key}",
+                self.key,
+            )
+        try:
+            key = serialization.load_pem_private_key(_read(self.key), password=None)
+        except TypeError:  # a passphrase-protected key: nobody could type it at a worker
+            raise UserError(
+                "private key is encrypted; give an unencrypted PEM key", self.key
+            ) from None
+        except ValueError:
+            raise UserError(
+                "not a PEM private key (expected BEGIN PRIVATE KEY)", self.key
+            ) from None
+        if key.public_key() != certs["certificate"][0].public_key():
+            raise UserError(f"private key does not belong to the certificate {self.cert}", self.key)
         return self
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the file ({e.strerror or e})", path) from None
 
 
 def make_pki(

@@ -24,6 +24,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -207,6 +208,25 @@ def probe(address: str, tls: RemoteTls | None, timeout: float = 5.0) -> str:
     return "ok"
 
 
+def _wait_ready(channel: grpc.Channel, address: str, tls: RemoteTls | None, timeout: float):
+    """Wait up to `timeout` for the channel; a worker that is not up yet may still start, but
+    a TLS failure (wrong CA, not a TLS endpoint, our certificate refused) will not heal:
+    fail on it at once, naming the worker, instead of after the whole timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(0.1, min(2.0, remaining)))
+            return
+        except grpc.FutureTimeoutError:
+            reason = probe(address, tls)
+            final = reason != "ok" and not reason.startswith("cannot connect")
+            if final or deadline - time.monotonic() <= 0:
+                if reason == "ok":
+                    reason = f"no gRPC connection within {timeout:.0f} s"
+                raise UserError(f"cannot reach worker {address}: {reason}") from None
+
+
 def _sync_context(stub) -> object:
     """TFF's SyncExecutionContext on one worker (as runtime.py does for the local one)."""
     import tensorflow_federated as tff
@@ -342,13 +362,7 @@ def remote_runtime(
         for address in workers:
             channel = _open_channel(address, tls)
             channels.append(channel)
-            try:
-                grpc.channel_ready_future(channel).result(timeout=connect_timeout)
-            except grpc.FutureTimeoutError:
-                reason = probe(address, tls)
-                if reason == "ok":
-                    reason = f"no gRPC connection within {connect_timeout:.0f} s"
-                raise UserError(f"cannot reach worker {address}: {reason}") from None
+            _wait_ready(channel, address, tls, connect_timeout)
             stubs.append(stub_class(channel, address))
         context = _context_for(stubs)
         _set_default_context(context)
@@ -362,6 +376,19 @@ def remote_runtime(
             ctx.close()
         for channel in channels:
             channel.close()
+
+
+def check_remote_args(workers: str | Sequence[str] | None, tls_dir: str | Path | None) -> None:
+    """`--workers` / `--tls-dir` checked before any data is read: the addresses, and each
+    credential file (it names the bad one). `runtime_for` applies the same rules."""
+    if not workers:
+        if tls_dir is not None:
+            raise UserError("--tls-dir is for remote workers: give --workers HOST:PORT,...")
+        return
+    parse_workers(workers)
+    if tls_dir is None:
+        raise UserError("--workers needs --tls-dir DIR (client.pem, client.key, ca.pem)")
+    TlsFiles.client(tls_dir).check()
 
 
 def runtime_for(

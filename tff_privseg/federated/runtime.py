@@ -71,10 +71,62 @@ def _die_with_parent() -> None:
     die_with_parent()
 
 
+_DIR_PREFIX = "tff-privseg-worker-"
+_OWNER = "owner"  # "PID START_TIME" of the process that made the folder
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def remove_stale_worker_dirs(parent: str | None = None) -> list[str]:
+    """Remove socket folders of runs that were killed outright (SIGKILL, OOM, power loss).
+
+    A folder is stale when its owner process (pid and start time, written at creation) is gone
+    and nothing answers on its socket. Only this user's folders are touched. Returns the folders
+    removed.
+    """
+    import shutil
+
+    removed = []
+    base = Path(parent or tempfile.gettempdir())
+    for folder in base.glob(_DIR_PREFIX + "*"):
+        try:
+            if folder.is_symlink() or folder.lstat().st_uid != os.getuid():
+                continue
+            pid, started = (folder / _OWNER).read_text().split()
+        except (OSError, ValueError):
+            continue  # not ours, being created right now, or from an older release
+        if _start_time(int(pid)) != started and not _answers(folder / "worker.sock"):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+    return removed
+
+
+def _answers(sock_path: Path) -> bool:
+    """Someone still serves this socket (an owner in another pid namespace, say)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(sock_path))
+        except OSError:
+            return False
+    return True
+
+
 def start_local_worker(timeout: float = 60.0) -> LocalWorker:
     """Start worker_binary behind the namespace bridge; return once it is reachable."""
-    tmpdir = tempfile.TemporaryDirectory(prefix="tff-privseg-worker-")
+    remove_stale_worker_dirs()
+    tmpdir = tempfile.TemporaryDirectory(prefix=_DIR_PREFIX)
     os.chmod(tmpdir.name, 0o700)
+    Path(tmpdir.name, _OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
     bridge = subprocess.Popen(
         [
             sys.executable,

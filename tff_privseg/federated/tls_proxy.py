@@ -26,6 +26,8 @@ import os
 import ssl
 from collections.abc import Callable
 
+from tff_privseg.errors import UserError
+
 log = logging.getLogger("tff_privseg.worker")
 
 _CHUNK = 1 << 20
@@ -38,8 +40,14 @@ def server_context(cert: str | os.PathLike, key: str | os.PathLike, ca: str | os
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
-    ctx.load_verify_locations(cafile=os.fspath(ca))  # the federation CA only, no system roots
+    try:
+        ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
+    except (ssl.SSLError, OSError) as e:  # OpenSSL does not say which of the two it was
+        raise UserError(f"cannot load the certificate with key {key}: {e}", cert) from None
+    try:
+        ctx.load_verify_locations(cafile=os.fspath(ca))  # the federation CA only, no system roots
+    except (ssl.SSLError, OSError) as e:
+        raise UserError(f"cannot load the CA certificate: {e}", ca) from None
     ctx.set_ciphers(_TLS12_CIPHERS)  # (TLS 1.3 suites are all AEAD + ephemeral already)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["h2"])

@@ -31,11 +31,8 @@ INSECURE_WARNING = (
 
 
 def tls_context(tls: TlsFiles) -> ssl.SSLContext:
-    tls.check()
-    try:
-        return server_context(tls.cert, tls.key, tls.ca)
-    except (ssl.SSLError, OSError) as e:
-        raise UserError(f"cannot load the worker's TLS certificate/key/CA: {e}", tls.cert) from e
+    """The worker's TLS context; a bad file gives one line naming that file."""
+    return server_context(tls.check().cert, tls.key, tls.ca)
 
 
 def _is_loopback(host: str) -> bool:
