@@ -202,6 +202,28 @@ def test_resume_with_a_changed_noise_multiplier_is_refused(trained, tmp_path):
     assert snapshot(run) == before
 
 
+def test_resume_on_other_data_is_refused(trained, tmp_path):
+    """Same key, other records: the rerun round's noise would cancel against the first's."""
+    from tff_privseg import config as config_lib
+
+    run = copy_run(trained, tmp_path / "run")
+    (run / "model.keras").unlink()  # as if killed before the end
+    other = tmp_path / "other"  # the same layout and config, other patients
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "data", "synth", "--out", str(other), "--sites", "3",
+         "--volumes-per-site", "4", "--seed", "2", "--shape", "48", "48", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    saved = config_lib.load(run / "config.toml")
+    config_lib.save(saved.replace(**{"data.root": str(other.resolve())}), run / "config.toml")
+    before = snapshot(run)
+    args = ["train", "--config", str(SMOKE), "--data", str(other), "--out", str(run)]
+    rc, _, err = run_cli(*args, "--resume")
+    one_line_error(rc, err, str(run / "data.sha256"), "other data")
+    assert snapshot(run) == before
+
+
 def test_resume_may_change_rounds_only_where_no_round_run_changes(trained, tmp_path):
     """lr_schedule loglinear: more rounds move the learning rate of rounds 2.. already run."""
     from tff_privseg import config as config_lib

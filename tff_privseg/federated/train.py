@@ -5,14 +5,22 @@ Run directory (`train --out RUN`):
   metrics.jsonl    one object per round: round, loss, val_dice, epsilon, delta, seconds, ...
   privacy.json     the privacy ledger: every number needed to recompute ε
   checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
+  secret/run_key   the run's secret noise key, written before round 1, reused by --resume
+  data.sha256      digest of the training/validation slices (--resume refuses other data)
   model.keras      final Keras model (probabilities out), and model.weights.h5
   tensorboard/     scalars per round
+  .lock            held (flock) by the one train running on the directory
+
+Secrets (the key, the checkpoints holding it) are 0600 in 0700 folders whatever the umask.
+Lifecycle: `prepare_run_dir` (lock, checks) -> data loaded, process built -> `RunDir.begin`
+(config.toml, key) -> rounds -> final model. A start that fails before `begin` leaves nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -194,6 +202,8 @@ class RunDir:
         self.secret = path / "secret"
         self.key_file = self.secret / "run_key"
         self.lock_file = path / self.LOCK
+        self.data_file = path / "data.sha256"
+        self.data_digest: str | None = None
         self.begun = False
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # what this invocation created before `begin`
@@ -239,6 +249,21 @@ class RunDir:
             time.sleep(0.05)  # the holder may be between truncating and writing its pid
         return "unknown"
 
+    def check_data(self, sites: list[SiteData], resume: bool) -> None:
+        """Refuse to resume on other data than the run's (recorded in RUN/data.sha256).
+
+        A round run again reuses its noise; on other records, the two releases' difference
+        would be the difference of their gradients with the noise cancelled.
+        """
+        self.data_digest = data_digest(sites)
+        recorded = self.data_file.read_text().strip() if self.data_file.exists() else None
+        if resume and recorded not in (None, self.data_digest):
+            raise UserError(
+                "--resume on other data than the run was trained on (its training and "
+                "validation slices differ from this digest)",
+                self.data_file,
+            )
+
     def begin(self, cfg: Config, resume: bool) -> int:
         """Write config.toml and persist the secret run key (before any round); return the key.
 
@@ -246,6 +271,8 @@ class RunDir:
         round released before a crash and run again releases exactly the same update.
         """
         atomic_write_text(self.config, config_lib.dumps(cfg))
+        if self.data_digest is not None:
+            atomic_write_text(self.data_file, self.data_digest + "\n")
         key = read_run_key(self) if resume and self.key_file.exists() else None
         if key is None:
             key = new_run_key()
@@ -321,6 +348,19 @@ class RunDir:
         """
         if ledger.rounds >= _ledger_rounds(self.privacy):
             atomic_write_text(self.privacy, json.dumps(ledger.to_json(), indent=2))
+
+
+def data_digest(sites: list[SiteData]) -> str:
+    """SHA-256 of what training and validation read: every site's slices, labels, patients."""
+    h = hashlib.sha256()
+    for s in sites:
+        h.update(s.name.encode() + b"\0")
+        for part in (s.train, s.val):
+            for a in (part.images, part.labels, part.volume_index):
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.data)
+    return h.hexdigest()
 
 
 def new_run_key() -> int:
@@ -464,6 +504,7 @@ def train(
     run = prepare_run_dir(cfg, Path(out), resume)
     try:
         sites = load_training_data(cfg, None, progress)
+        run.check_data(sites, resume)
         if cfg.train.mode == "centralized":
             return _train_centralized(cfg, run, sites, resume, on_round)
         from tff_privseg.federated.remote import runtime_for
@@ -502,11 +543,11 @@ def _train_federated(
     state = process.initialize()
     ledger, start = new_ledger(cfg, sites), 0
     found = checkpoint.load_newest(run.checkpoints, state, _warn) if resume else None
+    if found is not None and found[2]["run_key"] != read_run_key(run):
+        raise UserError(f"made with another run key than {run.key_file}", found[0])
     run_key = run.begin(cfg, resume)  # persisted before any round is released
     if found is not None:
         path, state, header = found
-        if header["run_key"] != run_key:
-            raise UserError(f"made with another run key than {run.key_file}", path)
         ledger = PrivacyLedger.from_json(header["ledger"])
         start = header["round"]
         run.truncate_metrics(start)
