@@ -40,7 +40,8 @@ from cli.common import emit, handle_errors, json_option
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue the run in --out from its last complete round (same config).",
+    help="Continue the run in --out from its newest loadable checkpoint, with its secret key "
+    "(same config and data; --rounds may change where no round already run changes).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
@@ -71,9 +72,10 @@ def train(
     """Train a segmentation model across sites with TFF (and DP), into a run directory.
 
     Writes RUN/config.toml, metrics.jsonl (one line per round), privacy.json (the ledger:
-    recompute ε from it), checkpoints/ (resume with --resume), model.keras and TensorBoard logs,
-    and appends a row to completed_trainings.csv beside RUN (the PyTorch baseline's format).
-    A progress bar shows loss, validation Dice and ε per round.
+    recompute ε from it), checkpoints/ and secret/run_key (private; resume with --resume),
+    model.keras and TensorBoard logs, and appends a row to completed_trainings.csv beside RUN
+    (the PyTorch baseline's format). One train at a time per RUN (a lock); a start that fails
+    before round 1 leaves nothing behind. A progress bar shows loss, validation Dice and ε.
     """
     from pathlib import Path
 

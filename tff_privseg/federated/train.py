@@ -5,14 +5,25 @@ Run directory (`train --out RUN`):
   metrics.jsonl    one object per round: round, loss, val_dice, epsilon, delta, seconds, ...
   privacy.json     the privacy ledger: every number needed to recompute ε
   checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
+  secret/run_key   the run's secret noise key, written before round 1, reused by --resume
+  data.sha256      digest of the training/validation slices (--resume refuses other data)
   model.keras      final Keras model (probabilities out), and model.weights.h5
   tensorboard/     scalars per round
+  .lock            held (flock) by the one train running on the directory
+
+Secrets (the key, the checkpoints holding it) are 0600 in 0700 folders whatever the umask.
+Lifecycle: `prepare_run_dir` (lock, checks) -> data loaded, process built -> `RunDir.begin`
+(config.toml, key) -> rounds -> final model. A start that fails before `begin` leaves nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
+import os
 import secrets
 import sys
 import time
@@ -29,6 +40,7 @@ from tff_privseg.config import Config
 from tff_privseg.data import SiteData, ensure_synthetic, load_sites
 from tff_privseg.errors import UserError
 from tff_privseg.federated import checkpoint, sampling
+from tff_privseg.io import atomic_path, atomic_write_text, os_problem, private_dir
 from tff_privseg.losses import get_loss
 from tff_privseg.metrics import pooled_dice
 from tff_privseg.models import build_model
@@ -169,7 +181,15 @@ def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 3
 
 
 class RunDir:
-    """Paths and writers of a run directory."""
+    """Paths and writers of a run directory, and its lifecycle.
+
+    `prepare_run_dir` locks the directory and checks that it can take this run, writing
+    nothing but the lock file; `begin` (once the data loaded and the process built) writes
+    config.toml and the secret run key; `abandon` removes what a start that failed before
+    `begin` created, so the same command can simply be run again; `close` drops the lock.
+    """
+
+    LOCK = ".lock"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -178,43 +198,269 @@ class RunDir:
         self.config = path / "config.toml"
         self.checkpoints = path / "checkpoints"
         self.model = path / "model.keras"
+        self.weights = path / "model.weights.h5"
+        self.secret = path / "secret"
+        self.key_file = self.secret / "run_key"
+        self.lock_file = path / self.LOCK
+        self.data_file = path / "data.sha256"
+        self.data_digest: str | None = None
+        self.begun = False
+        self._lock_fd: int | None = None
+        self._created: list[Path] = []  # what this invocation created before `begin`
 
+    # -- lifecycle -------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive OS lock on RUN/.lock for this process' life.
+
+        The kernel releases it when the process ends, however it ends (SIGKILL included); the
+        descriptor is not inherited by the TFF worker. The file is never deleted while in use
+        (that would let a second process lock a fresh inode), only by `abandon`.
+        """
+        for _ in range(3):
+            existed = self.lock_file.exists()
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(
+                    f"another train is running on this run directory (pid {self._holder()})",
+                    self.path,
+                ) from None
+            try:  # the file we locked is still the one at that path (not removed meanwhile)
+                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_fd = fd
+            if not existed:
+                self._created.append(self.lock_file)
+            return
+        raise UserError("could not lock the run directory (it keeps being replaced)", self.path)
+
+    def _holder(self) -> str:
+        for _ in range(10):
+            with contextlib.suppress(OSError, ValueError):
+                return str(int(self.lock_file.read_text().strip()))
+            time.sleep(0.05)  # the holder may be between truncating and writing its pid
+        return "unknown"
+
+    def check_data(self, sites: list[SiteData], resume: bool) -> None:
+        """Refuse to resume on other data than the run's (recorded in RUN/data.sha256).
+
+        A round run again reuses its noise; on other records, the two releases' difference
+        would be the difference of their gradients with the noise cancelled.
+        """
+        self.data_digest = data_digest(sites)
+        recorded = self.data_file.read_text().strip() if self.data_file.exists() else None
+        if resume and recorded not in (None, self.data_digest):
+            raise UserError(
+                "--resume on other data than the run was trained on (its training and "
+                "validation slices differ from this digest)",
+                self.data_file,
+            )
+
+    def begin(self, cfg: Config, resume: bool) -> int:
+        """Write config.toml and persist the secret run key (before any round); return the key.
+
+        A resumed run reuses its key: the same key gives the same plan and the same noise, so a
+        round released before a crash and run again releases exactly the same update.
+        """
+        atomic_write_text(self.config, config_lib.dumps(cfg))
+        if self.data_digest is not None:
+            atomic_write_text(self.data_file, self.data_digest + "\n")
+        key = read_run_key(self) if resume and self.key_file.exists() else None
+        if key is None:
+            key = new_run_key()
+            private_dir(self.secret)
+            atomic_write_text(self.key_file, f"{key}\n", mode=0o600)
+        self._make_private()
+        self.begun = True
+        return key
+
+    def _make_private(self) -> None:
+        """The key and the checkpoints (which hold it): 0600 in 0700 folders."""
+        private_dir(self.secret)
+        os.chmod(self.key_file, 0o600)
+        if self.checkpoints.exists():
+            private_dir(self.checkpoints)
+            for p in self.checkpoints.iterdir():
+                os.chmod(p, 0o600)
+
+    def abandon(self) -> None:
+        """A start that failed before `begin`: remove what this invocation created."""
+        if self.begun:
+            return
+        for p in reversed(self._created):
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() else p.unlink()
+        self._created.clear()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- contents --------------------------------------------------------------------------
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        try:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+        except OSError as e:
+            raise UserError(f"cannot write ({os_problem(e)})", self.metrics) from e
 
     def metrics_rows(self) -> list[dict[str, Any]]:
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a row cut short by a crash or a full disk
+                continue
+        return rows
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows of rounds that were never checkpointed (after a crash)."""
         rows = [r for r in self.metrics_rows() if r["round"] <= last_round]
-        checkpoint.atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def rounds_released(self) -> int:
+        """The last round any file of the run records (metrics, checkpoints, privacy.json)."""
+        done = max((r["round"] for r in self.metrics_rows()), default=0)
+        if self.checkpoints.exists():
+            done = max(
+                [done]
+                + [checkpoint.round_of(p) for p in checkpoint.all_checkpoints(self.checkpoints)]
+            )
+        return max(done, _ledger_rounds(self.privacy))
+
+    def publish_ledger(self, ledger: PrivacyLedger) -> None:
+        """Write privacy.json, never lowering the rounds it counts.
+
+        After a fall-back to an older checkpoint the later rounds run again with the same key
+        (the same releases); until they have, privacy.json keeps counting them.
+        """
+        if ledger.rounds >= _ledger_rounds(self.privacy):
+            atomic_write_text(self.privacy, json.dumps(ledger.to_json(), indent=2))
+
+
+def data_digest(sites: list[SiteData]) -> str:
+    """SHA-256 of what training and validation read: every site's slices, labels, patients."""
+    h = hashlib.sha256()
+    for s in sites:
+        h.update(s.name.encode() + b"\0")
+        for part in (s.train, s.val):
+            for a in (part.images, part.labels, part.volume_index):
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.data)
+    return h.hexdigest()
+
+
+def new_run_key() -> int:
+    """The run's secret: it seeds the DP noise (never in the config, never printed)."""
+    return secrets.randbits(62)
+
+
+def read_run_key(run: RunDir) -> int:
+    try:
+        return int(run.key_file.read_text().strip())
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable run key ({os_problem(e) or e})", run.key_file) from None
+
+
+def _ledger_rounds(path: Path) -> int:
+    try:
+        return int(json.loads(path.read_text()).get("rounds", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = _flat(config_lib.to_dict(old)), _flat(config_lib.to_dict(new))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def prepare_run_dir(cfg: Config, out: Path, resume: bool) -> RunDir:
+    """Lock `out` and check that it can take this run (a new one, or `resume` of the same).
+
+    Writes nothing but RUN/.lock (and RUN itself for a new run): config.toml and the run key
+    come with `RunDir.begin`, so a start that fails before it leaves nothing behind.
+    """
     run = RunDir(out)
     if resume:
         if not run.config.exists():
             raise UserError("nothing to resume: no config.toml", out)
-        saved = config_lib.load(run.config)
-        if saved.replace(**{"train.rounds": cfg.train.rounds}) != cfg:
+        run.lock()
+        try:
+            _check_resume(cfg, run)
+        except BaseException:
+            run.abandon()
+            run.close()
+            raise
+        return run
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a directory", out)
+    if not out.exists():
+        out.mkdir(parents=True)
+        run._created.append(out)
+    run.lock()
+    if any(p.name != RunDir.LOCK for p in out.iterdir()):
+        run.abandon()
+        run.close()
+        raise UserError("run directory exists and is not empty (use --resume or a new --out)", out)
+    return run
+
+
+def _check_resume(cfg: Config, run: RunDir) -> None:
+    """Refuse a resume that would change a round already run, its noise or its accounting."""
+    saved = config_lib.load(run.config)
+    differ = [k for k in config_differences(saved, cfg) if k != "train.rounds"]
+    if differ:
+        raise UserError(
+            f"--resume with a config that differs from the run's config.toml in {', '.join(differ)}"
+            " (only train.rounds may change)",
+            run.path,
+        )
+    done = run.rounds_released()
+    old, new = saved.train.rounds, cfg.train.rounds
+    if new != old:
+        if new < done:
             raise UserError(
-                "--resume with a different config than the run's config.toml "
-                "(only train.rounds may change)",
-                out,
+                f"--resume: train.rounds = {new} is below the {done} rounds already run", run.path
+            )
+        if any(client_lr(saved, r) != client_lr(cfg, r) for r in range(done)):
+            raise UserError(
+                f"--resume: changing train.rounds ({old} -> {new}) changes the learning rate of "
+                f"rounds already run (lr_schedule = {cfg.train.lr_schedule}); keep train.rounds",
+                run.path,
+            )
+    if not run.key_file.exists():
+        if done or (run.checkpoints.exists() and any(run.checkpoints.iterdir())):
+            raise UserError(
+                "missing, but rounds were already run: resuming would draw a new noise key and "
+                "release them again with different noise",
+                run.key_file,
             )
     else:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(
-                "run directory exists and is not empty (use --resume or a new --out)", out
-            )
-        out.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(run.config, config_lib.dumps(cfg))
-    return run
+        read_run_key(run)
 
 
 def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
@@ -256,13 +502,20 @@ def train(
     if data_root is not None:  # record where the data really was (evaluate reads it back)
         cfg = cfg.replace(**{"data.root": str(Path(data_root).resolve())})
     run = prepare_run_dir(cfg, Path(out), resume)
-    sites = load_training_data(cfg, None, progress)
-    if cfg.train.mode == "centralized":
-        return _train_centralized(cfg, run, sites, on_round)
-    from tff_privseg.federated.remote import runtime_for
+    try:
+        sites = load_training_data(cfg, None, progress)
+        run.check_data(sites, resume)
+        if cfg.train.mode == "centralized":
+            return _train_centralized(cfg, run, sites, resume, on_round)
+        from tff_privseg.federated.remote import runtime_for
 
-    with runtime_for(workers, tls_dir):
-        return _train_federated(cfg, run, sites, resume, progress, on_round)
+        with runtime_for(workers, tls_dir):
+            return _train_federated(cfg, run, sites, resume, progress, on_round)
+    except BaseException:
+        run.abandon()  # failed before any round: leave nothing, so the same command works again
+        raise
+    finally:
+        run.close()
 
 
 def _train_federated(
@@ -288,12 +541,15 @@ def _train_federated(
     build = build_hybrid_process if cfg.train.execution == "hybrid" else build_process
     process = build(cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp)
     state = process.initialize()
-    ledger, run_key, start = new_ledger(cfg, sites), secrets.randbits(62), 0
-    latest = checkpoint.latest(run.checkpoints) if resume else None
-    if latest is not None:
-        state, header = checkpoint.load(latest, state)
+    ledger, start = new_ledger(cfg, sites), 0
+    found = checkpoint.load_newest(run.checkpoints, state, _warn) if resume else None
+    if found is not None and found[2]["run_key"] != read_run_key(run):
+        raise UserError(f"made with another run key than {run.key_file}", found[0])
+    run_key = run.begin(cfg, resume)  # persisted before any round is released
+    if found is not None:
+        path, state, header = found
         ledger = PrivacyLedger.from_json(header["ledger"])
-        run_key, start = header["run_key"], header["round"]
+        start = header["round"]
         run.truncate_metrics(start)
     elif resume:
         run.truncate_metrics(0)
@@ -337,7 +593,7 @@ def _train_federated(
         run.append_metrics(row)
         header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key}
         checkpoint.save(run.checkpoints, r + 1, state, header)
-        checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+        run.publish_ledger(ledger)
         _tensorboard(writer, row)
         rows.append(row)
         _advance(bar, row)
@@ -346,7 +602,7 @@ def _train_federated(
     if bar is not None:
         bar.close()
     if not run.privacy.exists():
-        checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+        run.publish_ledger(ledger)
     _assign(eval_model, process.get_model_weights(state).trainable)
     _save_model(eval_model, run)
     return _summary(cfg, run, rows, ledger, stopped)
@@ -356,9 +612,13 @@ def _train_centralized(
     cfg: Config,
     run: RunDir,
     sites: list[SiteData],
+    resume: bool,
     on_round: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    """Upper bound: all sites' training slices pooled, plain Keras, same number of batches."""
+    """Upper bound: all sites' training slices pooled, plain Keras, same number of batches.
+
+    No checkpoints: `--resume` trains again from the start (its rows replace the old ones).
+    """
     images = np.concatenate([s.train.images for s in sites])
     labels = np.concatenate([s.train.labels for s in sites])
     model = _model_fn(cfg)()
@@ -378,6 +638,9 @@ def _train_centralized(
         .prefetch(2)
     )
     schedule = tf.keras.callbacks.LearningRateScheduler(lambda epoch: client_lr(cfg, epoch))
+    run.begin(cfg, resume)
+    if resume:
+        run.truncate_metrics(0)
     rows = []
     writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
     for r in range(cfg.train.rounds):
@@ -406,7 +669,7 @@ def _train_centralized(
         if on_round:
             on_round(row)
     ledger = new_ledger(cfg, sites)
-    checkpoint.atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+    atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
     _save_model(model, run)
     return _summary(cfg, run, rows, ledger, None)
 
@@ -417,10 +680,18 @@ def _assign(model: tf.keras.Model, weights: list[np.ndarray]) -> None:
 
 
 def _save_model(model: tf.keras.Model, run: RunDir) -> None:
-    tmp = run.path / ".model.tmp.keras"
-    model.save(tmp)
-    tmp.replace(run.model)
-    model.save_weights(run.path / "model.weights.h5")
+    """model.keras and model.weights.h5, each complete or absent (disk full: one line, no file).
+
+    Both are written to temporary names first and renamed only once both are complete.
+    """
+    with atomic_path(run.model) as keras_tmp:  # nested: each names its own file on failure
+        model.save(keras_tmp)
+        with atomic_path(run.weights) as weights_tmp:
+            model.save_weights(weights_tmp)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _tensorboard(writer: Any, row: dict[str, Any]) -> None:
