@@ -279,12 +279,6 @@ class HalfWritten(AssertionError):
     """The --out target was created or changed."""
 
 
-# Only the half-written check may fail (any other failure still fails the test): `train` writes
-# RUN/config.toml before it connects to its workers, and leaves it when that fails.
-LEAVES_CONFIG_TOML = pytest.mark.xfail(
-    raises=HalfWritten, strict=False, reason="a failed start leaves RUN/config.toml (issue 16)"
-)
-
 # (id, setup, argv, needles that the error line must contain)
 CASES = [
     # 1. Config values: NaN/inf anywhere, absurd integers, CLI overrides included.
@@ -344,7 +338,7 @@ CASES = [
     pytest.param(not_tls_listener,
                  "train --config {cfg} --workers {worker} --tls-dir {pki} --quiet --out {out}",
                  ("cannot reach worker 127.0.0.1:", "TLS"),  # and no gRPC log lines before it
-                 id="worker-not-speaking-tls", marks=LEAVES_CONFIG_TOML),
+                 id="worker-not-speaking-tls"),
     # Every command, with a missing or wrong file (these already failed correctly).
     ("data-check-missing", nothing, "data check {tmp}/nope", ("nope", "not found")),
     ("data-synth-into-non-empty", existing_out, "data synth --out {out}",

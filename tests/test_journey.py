@@ -21,27 +21,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tagged_worker_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-journey-{os.getpid()}"
 ROUNDS = 3
 
 
-def leftover_workers() -> list[int]:
-    """TFF worker processes started by this module's commands that are still alive."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"worker_binary" in cmd and TAG.encode() in env and state != "Z":
-            found.append(int(proc.name))
-    return found
+def leftover_workers() -> set[int]:
+    return tagged_worker_pids(TAG)
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:

@@ -51,13 +51,16 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
-    """Yield a temporary path (same folder and suffix as `path`) for a library to save to.
+    """Yield a temporary path (same folder, name ending in `path`'s name) for a library to save to.
+
+    The whole name is kept at the end because libraries pick the format from it (Keras 2.14
+    writes its `.weights.h5` format only to names ending in `.weights.h5`, legacy HDF5 else).
 
     On success the file is fsynced, given `mode` and renamed to `path`; on failure it is
     removed and the error re-raised (an OS problem as a one-line `UserError` naming `path`).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".tmp-{os.getpid()}.{path.name}")
     _remove(tmp)
     try:
         yield tmp
