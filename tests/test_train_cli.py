@@ -100,8 +100,13 @@ def test_train_writes_the_run_directory_and_a_recomputable_epsilon(smoke_data, t
         assert (run / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    for key in ("loss", "val_dice", "epsilon", "delta", "seconds"):
+    for key in ("val_dice", "epsilon", "delta", "seconds"):
         assert key in rows[0]
+    # Under DP nothing un-noised and unaccounted about the training records is released: no
+    # training loss, no exact Poisson batch sizes (sites: a public choice at sample level).
+    for row in rows:
+        assert set(row) == {"round", "val_dice", "epsilon", "delta", "seconds", "sites"}, row
+    assert "loss" not in summary and "examples" not in summary
     ledger = json.loads((run / "privacy.json").read_text())
     assert ledger["level"] == "sample" and ledger["rounds"] == 2
     assert set(ledger["steps"].values()) == {4}  # 2 rounds x 2 local steps per site
