@@ -115,6 +115,27 @@ def test_train_writes_the_run_directory_and_a_recomputable_epsilon(smoke_data, t
     assert not worker_pids()  # no worker left behind
 
 
+def test_site_level_dp_with_augmentation_releases_no_sample(smoke_data, tmp_path):
+    """Site-level DP with Poisson site sampling and augmentation (per-slot secret seeds through
+    tf.data and TFF's runtime): the rows name no sampled sites, no loss, no example counts."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(
+        SMOKE.read_text().replace('level = "sample"', 'level = "site"')
+        + "\n[data.augment]\nrotation = 10.0\nnoise_std = 0.05\nnoise_prob = 0.5\n"
+    )
+    cfg.write_text(cfg.read_text().replace("[train]\n", "[train]\nsites_per_round = 2\n"))
+    run = tmp_path / "run"
+    summary = run_ok("train", "--config", str(cfg), "--data", str(smoke_data), "--out", str(run))
+    assert summary["rounds"] == 2 and summary["privacy"] == "site"
+    from tff_privseg import config as config_lib
+
+    resolved = config_lib.load(run / "config.toml")
+    assert resolved.train.sites_per_round == 2 and resolved.data.augment.rotation == 10.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert set(row) == {"round", "val_dice", "epsilon", "delta", "seconds"}, row
+
+
 def test_kill_mid_round_then_resume_gives_the_same_epsilon_and_rounds(smoke_data, tmp_path):
     args = ["--config", str(SMOKE), "--data", str(smoke_data), "--rounds", "4"]
     straight = run_ok("train", *args, "--out", str(tmp_path / "straight"))
