@@ -73,7 +73,7 @@ def train(
     Writes RUN/config.toml, metrics.jsonl (one line per round), privacy.json (the ledger:
     recompute ε from it), checkpoints/ (resume with --resume), model.keras and TensorBoard logs,
     and appends a row to completed_trainings.csv beside RUN (the PyTorch baseline's format).
-    A progress bar shows loss, validation Dice and ε per round.
+    A progress bar shows validation Dice and ε per round (and the loss, without DP).
     """
     from pathlib import Path
 
