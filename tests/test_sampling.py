@@ -251,3 +251,23 @@ def test_with_augmentation_adding_a_slice_anywhere_moves_the_clipped_sum_by_at_m
         )
         assert float(moved) <= clip * (1 + 1e-4), pos
         assert float(moved) > 0.5 * clip  # the new slice is in and counts
+
+
+def test_site_level_inner_batches_follow_the_site_name_not_its_index():
+    """At site level the record is a site: adding one must not move another site's batches."""
+    cfg = dp_cfg(**{"privacy.level": "site"})
+    extra = site_data("siteX", synthetic_rows({"x0": 4}, seed=5))
+    a = plan_round(cfg, SITES, 1, 11)
+    b = plan_round(cfg, [extra, *SITES], 1, 11)
+    for i, site in enumerate(SITES):
+        for s, (p, q) in enumerate(zip(a.batches[i], b.batches[i + 1], strict=True)):
+            assert np.array_equal(p, q), (site.name, s)
+        assert np.array_equal(a.seeds[i], b.seeds[i + 1])
+
+
+def test_a_case_id_twice_at_a_site_is_refused():
+    rows = synthetic_rows({"p0": 2, "p1": 1})
+    data = slice_set("s", rows)
+    data.volumes[1] = data.volumes[0]
+    with pytest.raises(ValueError, match="case id occurs twice"):
+        sampling.record_ids("s", data)

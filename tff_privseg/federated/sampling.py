@@ -16,9 +16,12 @@ never from the record's position in an array, the other records, or the public `
 
 Adding or removing one record therefore changes nothing about any other record. Everything is a
 pure function of (key, round, identities), so a resumed run re-draws what an uninterrupted run
-draws. Public choices (non-private shuffling, the fixed-size site subset of sample-level or
-non-private runs) stay on `rng(train.seed, ...)`: reproducible from the config, and nothing
-there is assumed secret.
+draws. Public choices stay on `train.seed`, reproducible from the config: the shuffled batches
+of runs without DP and of site-level DP (`site_rng`, by site name: there the record is a whole
+site, whose update is clipped as one, so its inner batches need no secrecy but must not shift
+when another site is added), and the fixed-size site subset of sample-level or non-private runs
+(`rng`). Why not the key there too: nothing in the analysis depends on them, and runs without
+DP stay reproducible from their config (baselines, parity).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def rng(seed: int, round_num: int, site: int, purpose: str) -> np.random.Generat
     Only for choices that need no secrecy (non-private shuffling, fixed-size site subsets).
     """
     return np.random.default_rng([seed, round_num, site + 1, _PURPOSE[purpose]])
+
+
+def site_rng(seed: int, round_num: int, site: str, purpose: str) -> np.random.Generator:
+    """Public randomness of one site, by its name (not its index: adding a site at site-level
+    DP must not change another site's draws)."""
+    name = int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, round_num, name, _PURPOSE[purpose]])
 
 
 # --- the keyed PRF -------------------------------------------------------------------------
@@ -113,6 +123,8 @@ class RecordIds:
 
 def record_ids(site: str, data: SliceSet) -> RecordIds:
     volumes = [f"{site}\0{v.case}".encode() for v in data.volumes]
+    if len(set(volumes)) != len(volumes):  # two patients would share every draw
+        raise ValueError(f"site {site!r}: a case id occurs twice among its training volumes")
     index = np.asarray(data.volume_index, np.int64)
     if len(index) == 0:
         return RecordIds([], volumes)

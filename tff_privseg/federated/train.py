@@ -156,7 +156,7 @@ def plan_round(
         elif cfg.privacy.level == "sample":
             batches[i] = sampling.poisson_batches(ids.slices, q, steps, run_key, round_num)
         else:  # no DP, or site-level DP (a site's whole update is the record): public shuffle
-            gen = sampling.rng(seed, round_num, i, "batches")
+            gen = sampling.site_rng(seed, round_num, site.name, "batches")
             batches[i] = sampling.shuffled_batches(
                 len(site.train), cfg.train.batch_size, steps, gen
             )
