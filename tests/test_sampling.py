@@ -25,6 +25,7 @@ from tff_privseg.federated.train import plan_round, round_row
 from tff_privseg.losses import get_loss
 from tff_privseg.models import build_model
 from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
+from tff_privseg.privacy.records import record_dp_gradient
 
 R = 16
 AUG = AugmentConfig(rotation=20.0, translate=0.1, scale=0.1, noise_std=0.05, noise_prob=0.5)
@@ -217,32 +218,36 @@ def test_adding_a_record_anywhere_changes_no_other_records_draws(unit):
             assert without(after, "new") == before, pos  # every other record: same draws
 
 
-def clipped_sum(model, x, y, clip):
-    query = SeededGaussianSumQuery(clip, 0.0, tf.constant([1, 2], tf.int64))  # no noise
-    grads, _ = dp_gradient(model, get_loss("dice"), x, y, query, 1.0)  # the sum itself
-    return grads
-
-
-def test_with_augmentation_adding_a_slice_anywhere_moves_the_clipped_sum_by_at_most_c():
+@pytest.mark.parametrize("unit", ["slice", "patient"])
+def test_with_augmentation_adding_a_record_anywhere_moves_the_clipped_sum_by_at_most_c(unit):
     """The audit's case: with a fixed, position-folded augmentation seed, a record inserted at
     the front of a batch moved the clipped sum by 0.82 at C = 0.7. Now every slot carries its
-    own seed, so the other slices' contributions stay put."""
-    clip = 0.05  # every slice's gradient is clipped (norms are ~0.1-1 here)
+    own seed, so the other records' contributions stay put (the old scheme, emulated on this
+    test's data, moved it by up to 2.26 C). Patient unit: records of 2 slots, clipped as one."""
+    clip = 0.05  # every record's gradient is clipped (norms are ~0.1-1 here)
     model = build_model(ModelConfig(name="unet", depth=2, base_filters=4, groups=2), R, seed=0)
-    base = synthetic_rows({"p0": 2, "p1": 1, "p2": 2})
-    new = synthetic_rows({"new": 1}, seed=9)
+    base = synthetic_rows({"p0": 2, "p1": 1, "p2": 3})
+    new = synthetic_rows({"new": 1 if unit == "slice" else 3}, seed=9)
+    query = SeededGaussianSumQuery(clip, 0.0, tf.constant([1, 2], tf.int64))  # no noise
 
     def step_sum(rows):
         site = site_data("s", rows)
-        ids = sampling.record_ids("s", site.train).slices
-        batches = sampling.poisson_batches(ids, 1.0, 1, 3, 0)  # q = 1: everyone is in
-        seeds = sampling.slot_seeds(ids, batches, 3, 0)
+        ids = sampling.record_ids("s", site.train)
+        if unit == "slice":  # q = 1: everyone is in
+            batches, weights = sampling.poisson_batches(ids.slices, 1.0, 1, 3, 0), None
+        else:
+            batches, weights = sampling.poisson_patient_batches(
+                site.train.volume_index, ids, 1.0, 2, 1, 3, 0
+            )
+        seeds = sampling.slot_seeds(ids.slices, batches, 3, 0)
         ds = sampling.batches_dataset(
-            site.train.images, site.train.labels, batches, augment=AUG, seeds=seeds
+            site.train.images, site.train.labels, batches, weights, augment=AUG, seeds=seeds
         )
-        x, y, _ = next(iter(ds))
+        x, y, w = next(iter(ds))
         assert not np.allclose(x.numpy(), site.train.images[batches[0]])  # augmented
-        return clipped_sum(model, x, y, clip)
+        if unit == "slice":  # the client's DP-SGD sum (expected batch 1: the sum itself)
+            return dp_gradient(model, get_loss("dice"), x, y, query, 1.0)[0]
+        return record_dp_gradient(model, get_loss("dice"), x, y, w, 2, query, 1.0)[0]
 
     ref = step_sum(base)
     for pos in range(len(base) + 1):
@@ -250,7 +255,7 @@ def test_with_augmentation_adding_a_slice_anywhere_moves_the_clipped_sum_by_at_m
             [a - b for a, b in zip(step_sum(base[:pos] + new + base[pos:]), ref, strict=True)]
         )
         assert float(moved) <= clip * (1 + 1e-4), pos
-        assert float(moved) > 0.5 * clip  # the new slice is in and counts
+        assert float(moved) > 0.5 * clip  # the new record is in and counts
 
 
 def test_site_level_inner_batches_follow_the_site_name_not_its_index():
