@@ -193,21 +193,16 @@ def poisson_patient_batches(
     [P·slots], slot weights [P·slots]) per step; patients in ascending volume index.
     """
     patient_of_slice = np.asarray(patient_of_slice, np.int64)
-    patients = np.unique(patient_of_slice)
+    patients, first_row = np.unique(patient_of_slice, return_index=True)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
     if steps == 0:
         return [], []
-    joined = (
-        uniforms(
-            prf_words(key, "patients", round_num, 0, [ids.volumes[p] for p in patients], steps)
-        )
-        < q
-    )  # [P, steps]
+    patient_ids = [ids.volumes[p] for p in patients.tolist()]
+    joined = uniforms(prf_words(key, "patients", round_num, 0, patient_ids, steps)) < q  # [P, T]
     # slot keys only for slices of patients that join some step
     member = np.isin(patient_of_slice, patients[joined.any(axis=1)])
     rows = np.flatnonzero(member)
     slot_keys = prf_words(key, "slots", round_num, 0, [ids.slices[i] for i in rows.tolist()], steps)
-    first = {int(p): int(np.flatnonzero(patient_of_slice == p)[0]) for p in patients[joined.any(1)]}
     batches, weights = [], []
     for s in range(steps):
         chosen = patients[joined[:, s]]
@@ -223,7 +218,8 @@ def poisson_patient_batches(
         rank = np.arange(len(p)) - group_start
         keep = rank < slots
         slot_of = np.searchsorted(chosen, p[keep])
-        idx = np.array([first[int(c)] for c in chosen], np.int64)[:, None].repeat(slots, 1)
+        pad = first_row[joined[:, s]]  # padding slots: the patient's first slice, weight 0
+        idx = np.repeat(pad.astype(np.int64)[:, None], slots, axis=1)
         wts = np.zeros((len(chosen), slots), np.float32)
         idx[slot_of, rank[keep]] = r[keep]
         wts[slot_of, rank[keep]] = 1.0
