@@ -84,9 +84,11 @@ def _print_plan(p: dict[str, Any]) -> None:
                 f"{v['patient_level_epsilon']:>26.3f}"
             )
         click.echo(
-            "group ε: group privacy (kε', k·e^{(k-1)ε'}·δ') for k slices, δ' chosen so that the "
-            "group's δ is the run's (RDP); at δ' = δ itself it is vacuous (δ ≥ 1)."
+            "group ε: group privacy (kε', k·e^{(k-1)ε'}·δ') for k slices, with δ' chosen so "
+            "that the group's δ is the run's (RDP)."
         )
+        if any(v["naive_group_delta"] >= 1.0 for v in p["per_patient"].values()):
+            click.echo("At this run's ε itself, (kε, k·e^{(k-1)ε}·δ) has δ ≥ 1: no bound.")
         if vacuous:
             click.echo(
                 "none: no meaningful bound for a whole patient (the group's δ stays above the "
