@@ -343,7 +343,9 @@ def _train_federated(
             break
         t0 = time.perf_counter()
         state = state._replace(client_work=np.float32(client_lr(cfg, r)))
-        if plan.sites:
+        # Site-level DP: a round whose Poisson sample is empty still applies its noised (zero)
+        # sum, else an unchanged model would reveal that no site was drawn.
+        if plan.sites or cfg.privacy.level == "site":
             output = process.next(state, client_inputs(cfg, sites, plan))
             state, metrics = output.state, output.metrics["client_work"]
             examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
