@@ -56,8 +56,8 @@ class Federation:
             x, y = self.data[i]
             n = len(x)
             if poisson:
-                gen = sampling.rng(0, round_num, i, "batches")
-                plan = sampling.poisson_batches(n, self.batch / n, self.steps, gen)
+                ids = [b"site%d\0%d" % (i, j) for j in range(n)]  # stand-in record identities
+                plan = sampling.poisson_batches(ids, self.batch / n, self.steps, 0, round_num)
             else:
                 plan = [np.arange(k * self.batch, (k + 1) * self.batch) for k in range(self.steps)]
             out.append(

@@ -72,12 +72,27 @@ def _print_plan(p: dict[str, Any]) -> None:
     if "per_patient" in p:
         click.echo("\nThe privacy unit is one slice. What that means for one patient:")
         click.echo(
-            f"{'site':<16}{'slices/pt':>10}{'group ε':>10}{'group δ':>10}"
+            f"{'site':<16}{'slices/pt':>10}{'group ε at δ = ' + format(p['delta'], 'g'):>22}"
             f"{'patient-level ε, same σ':>26}"
         )
+        vacuous = False
         for name, v in p["per_patient"].items():
+            g = v["group_epsilon"]
+            vacuous |= g is None
+            shown = f"none (≤ {v['largest_bounded_group']} slices)" if g is None else f"{g:.1f}"
             click.echo(
-                f"{name:<16}{v['slices_per_patient']:>10}{v['group_epsilon']:>10.1f}"
-                f"{v['group_delta']:>10.2g}{v['patient_level_epsilon']:>26.3f}"
+                f"{name:<16}{v['slices_per_patient']:>10}{shown:>22}"
+                f"{v['patient_level_epsilon']:>26.3f}"
+            )
+        click.echo(
+            "group ε: group privacy (kε', k·e^{(k-1)ε'}·δ') for k slices, with δ' chosen so "
+            "that the group's δ is the run's (RDP)."
+        )
+        if any(v["naive_group_delta"] >= 1.0 for v in p["per_patient"].values()):
+            click.echo("At this run's ε itself, (kε, k·e^{(k-1)ε}·δ) has δ ≥ 1: no bound.")
+        if vacuous:
+            click.echo(
+                "none: no meaningful bound for a whole patient (the group's δ stays above the "
+                "run's at every ε); a bound exists only for groups up to the slices shown."
             )
         click.echo('Set privacy.unit = "patient" to protect whole patients.')

@@ -75,7 +75,8 @@ def train(
     recompute ε from it), checkpoints/ and secret/run_key (private; resume with --resume),
     model.keras and TensorBoard logs, and appends a row to completed_trainings.csv beside RUN
     (the PyTorch baseline's format). One train at a time per RUN (a lock); a start that fails
-    before round 1 leaves nothing behind. A progress bar shows loss, validation Dice and ε.
+    before round 1 leaves nothing behind. A progress bar shows validation Dice and ε per round
+    (and the loss, without DP).
     """
     from pathlib import Path
 

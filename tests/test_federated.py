@@ -191,3 +191,19 @@ def test_worker_port_is_unreachable_from_the_host_network(tff_runtime):
     assert tff_runtime.isolated
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", tff_runtime.port), timeout=2).close()
+
+
+@pytest.mark.parametrize("execution", ["tff", "hybrid"])
+def test_site_level_round_with_no_site_drawn_still_adds_noise(tff_runtime, execution):
+    """An empty site-level Poisson sample must not leave the model unchanged (that would
+    release that no site was drawn): the server step runs on no sites and adds its noise."""
+    from tff_privseg.federated.hybrid import build_hybrid_process
+
+    cfg = make_cfg(**{"privacy.level": "site", "privacy.noise_multiplier": 0.5})
+    build = build_hybrid_process if execution == "hybrid" else build_process
+    process = build(cfg, model_fn, loss_fn, 1, None)
+    state = process.initialize()
+    before = process.get_model_weights(state).trainable
+    after = process.get_model_weights(process.next(state, []).state).trainable
+    assert all(np.all(np.isfinite(w)) for w in after)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))

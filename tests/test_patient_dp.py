@@ -63,10 +63,17 @@ def test_padding_slots_do_not_count():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def patient_ids(patient_of_slice: np.ndarray) -> sampling.RecordIds:
+    volumes = [b"site\0case%d" % p for p in range(patient_of_slice.max() + 1)]
+    position = [int((patient_of_slice[:i] == p).sum()) for i, p in enumerate(patient_of_slice)]
+    slices = [volumes[p] + b"\0%d" % j for p, j in zip(patient_of_slice, position, strict=True)]
+    return sampling.RecordIds(slices, volumes)
+
+
 def test_patient_batches_sample_whole_patients_with_capped_slots():
     patient_of_slice = np.repeat(np.arange(10), [8, 8, 8, 3, 8, 8, 8, 8, 8, 8])
-    gen = np.random.default_rng(0)
-    batches, weights = sampling.poisson_patient_batches(patient_of_slice, 0.3, 4, 50, gen)
+    ids = patient_ids(patient_of_slice)
+    batches, weights = sampling.poisson_patient_batches(patient_of_slice, ids, 0.3, 4, 50, 7, 0)
     sizes = []
     for idx, w in zip(batches, weights, strict=True):
         assert len(idx) == len(w) and len(idx) % 4 == 0
@@ -107,10 +114,15 @@ def test_augmentation_keeps_labels_valid_and_is_seeded():
     x = tf.constant(rng.random((4, 16, 16, 1)), tf.float32)
     y = tf.constant(rng.integers(0, 3, (4, 16, 16)), tf.int32)
     w = tf.ones([4])
-    seed = tf.constant([5, 6], tf.int64)
+    seed = tf.constant([[5, 6], [7, 8], [9, 10], [11, 12]], tf.int64)  # one seed per slot
     xa, ya, _ = augment_batch(x, y, w, seed, cfg)
     xb, yb, _ = augment_batch(x, y, w, seed, cfg)
     np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+    # a slot's augmentation follows its own seed, not its position in the batch
+    perm = [2, 0, 3, 1]
+    xp, yp, _ = augment_batch(tf.gather(x, perm), tf.gather(y, perm), w, tf.gather(seed, perm), cfg)
+    np.testing.assert_allclose(xp.numpy(), tf.gather(xa, perm).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(yp.numpy(), tf.gather(ya, perm).numpy())
     assert set(np.unique(ya.numpy())) <= {0, 1, 2}
     assert float(tf.reduce_min(xa)) >= 0.0 and float(tf.reduce_max(xa)) <= 1.0
     assert not np.allclose(xa.numpy(), x.numpy())

@@ -152,3 +152,55 @@ def test_calibrated_noise_reaches_the_target():
     eps = accounting.epsilon(accounting.dp_sgd_event(0.05, sigma, 300), 1e-5)
     assert eps <= 3.0
     assert eps > 2.9  # and not wastefully noisy
+
+
+def _slice_plan(sigma: float):
+    from tff_privseg import config
+    from tff_privseg.privacy.planning import patient_view, privacy_plan
+
+    cfg = config.load(
+        "configs/default.toml", {"privacy.unit": "slice", "privacy.noise_multiplier": sigma}
+    )
+    plan = privacy_plan(cfg, {"a": 752})  # 94 patients x 8 slices, as the default data
+    plan["per_patient"] = patient_view(cfg, plan, {"a": 94}, {"a": 8})
+    return cfg, plan
+
+
+def test_group_privacy_view_says_plainly_when_there_is_no_bound(capsys):
+    """Slice unit at ε ≈ 8: the textbook group bound for 8 slices has δ ≥ 1. The view must not
+    print it as if it meant something: it says 'none' and points to the patient unit."""
+    from cli.privacy import _print_plan
+
+    _, plan = _slice_plan(0.65)
+    v = plan["per_patient"]["a"]
+    assert v["naive_group_delta"] == 1.0 and v["group_epsilon"] is None
+    assert 1 <= v["largest_bounded_group"] < 8
+    _print_plan(plan)
+    out = capsys.readouterr().out
+    assert "none (≤ " in out and 'privacy.unit = "patient"' in out
+    assert "no meaningful bound" in out
+
+
+def test_group_privacy_view_gives_a_valid_bound_at_the_runs_delta(capsys):
+    from cli.privacy import _print_plan
+    from tff_privseg.privacy.planning import group_epsilons
+
+    cfg, plan = _slice_plan(5.0)
+    v, unit = plan["per_patient"]["a"], plan["units"]["a"]
+    g = v["group_epsilon"]
+    assert g is not None and v["group_delta"] == cfg.privacy.delta
+    # check the bound independently: some δ' gives (g, ≤ δ) by (kε', k·e^{(k-1)ε'}·δ')
+    acc = accounting.make_accountant("rdp")
+    acc.compose(accounting.dp_sgd_event(unit["sampling_rate"], 5.0, unit["steps"]))
+    ok = []
+    for log_d in np.linspace(np.log(cfg.privacy.delta), np.log(1e-300), 400):
+        e1 = acc.get_epsilon(np.exp(log_d))
+        if np.log(8) + 7 * e1 + log_d <= np.log(cfg.privacy.delta):
+            ok.append(8 * e1)
+    assert g == pytest.approx(min(ok))
+    assert g > 8 * unit["epsilon"]  # the price of a meaningful δ: more than k·ε at δ' = δ
+    # one slice: the slice-level ε itself
+    event = accounting.dp_sgd_event(unit["sampling_rate"], 5.0, unit["steps"])
+    assert group_epsilons(event, [1], cfg.privacy.delta)[1] == pytest.approx(unit["epsilon"])
+    _print_plan(plan)
+    assert f"{g:.1f}" in capsys.readouterr().out

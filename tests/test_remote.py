@@ -304,6 +304,23 @@ def test_two_workers_give_the_single_process_weights(tff_runtime, workers, pki):
     assert len(run_rounds(1)) == len(local)
 
 
+def test_site_level_round_with_no_site_drawn_runs_on_two_workers(tff_runtime, workers, pki):
+    """An empty site-level Poisson sample still gets its noised server step (the driver runs
+    it so that an unchanged model does not reveal the empty sample): TFF splits no sites
+    across the workers without failing."""
+    from tff_privseg.federated.process import build_process
+
+    cfg = config.from_dict({"data": {"resolution": R}, "model": {"depth": 1}}).replace(
+        **{"privacy.level": "site", "privacy.noise_multiplier": 0.5}
+    )
+    with remote_runtime([w.address for w in workers], **_tls(pki)):
+        process = build_process(cfg, model_fn, loss_fn, 1, None)
+        state = process.initialize()
+        before = process.get_model_weights(state).trainable
+        after = process.get_model_weights(process.next(state, []).state).trainable
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_a_worker_killed_mid_run_gives_an_error_naming_it(tff_runtime, workers, pki):
     """Runs last: it kills the module's second worker (its family must die with it)."""
     victim = workers[1]

@@ -17,16 +17,17 @@ def fake_run(path: Path, level: str, rounds: int, dice0: float, sigma: float = 1
     rows = []
     for r in range(1, rounds + 1):
         eps = None if level == "none" else 0.8 * r / sigma
-        rows.append(
-            {
-                "round": r,
-                "loss": 1.0 - 0.1 * r,
-                "val_dice": dice0 + 0.05 * r,
-                "epsilon": eps,
-                "delta": None if level == "none" else 1e-5,
-                "seconds": 1.5,
-            }
-        )
+        row = {
+            "round": r,
+            "loss": 1.0 - 0.1 * r,
+            "val_dice": dice0 + 0.05 * r,
+            "epsilon": eps,
+            "delta": None if level == "none" else 1e-5,
+            "seconds": 1.5,
+        }
+        if level != "none":
+            del row["loss"]  # not released under DP (un-noised)
+        rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     privacy = {
         "level": level,
@@ -54,7 +55,8 @@ def test_single_run_default_out(tmp_path: Path) -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     out = run / "report"
     assert summary["out"] == str(out)
-    assert summary["files"] == ["loss.png", "val_dice.png", "epsilon.png", "report.md"]
+    # a DP run releases no training loss: no loss curve
+    assert summary["files"] == ["val_dice.png", "epsilon.png", "report.md"]
     assert all(is_png(out / f) for f in summary["files"] if f.endswith(".png"))
     (r,) = summary["runs"]
     assert r["rounds"] == 4 and r["epsilon"] == pytest.approx(3.2)
@@ -73,6 +75,7 @@ def test_several_runs_privacy_utility_and_table(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert "privacy_utility.png" in summary["files"] and is_png(out / "privacy_utility.png")
+    assert "loss.png" in summary["files"]  # the run without DP has its loss curve
     assert [r["label"] for r in summary["runs"]] == ["a/run", "b/run", "nodp"]
     assert summary["runs"][2]["epsilon"] is None
     table = (out / "report.md").read_text().splitlines()

@@ -83,14 +83,40 @@ def test_train_writes_the_run_directory_and_a_recomputable_epsilon(smoke_data, t
         assert (run / name).exists(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    for key in ("loss", "val_dice", "epsilon", "delta", "seconds"):
+    for key in ("val_dice", "epsilon", "delta", "seconds"):
         assert key in rows[0]
+    # Under DP nothing un-noised and unaccounted about the training records is released: no
+    # training loss, no exact Poisson batch sizes (sites: a public choice at sample level).
+    for row in rows:
+        assert set(row) == {"round", "val_dice", "epsilon", "delta", "seconds", "sites"}, row
+    assert "loss" not in summary and "examples" not in summary
     ledger = json.loads((run / "privacy.json").read_text())
     assert ledger["level"] == "sample" and ledger["rounds"] == 2
     assert set(ledger["steps"].values()) == {4}  # 2 rounds x 2 local steps per site
     assert epsilon_of_ledger(ledger) == pytest.approx(summary["epsilon"], rel=1e-9)
     assert rows[-1]["epsilon"] == pytest.approx(summary["epsilon"], rel=1e-9)
     assert not worker_pids()  # no worker left behind
+
+
+def test_site_level_dp_with_augmentation_releases_no_sample(smoke_data, tmp_path):
+    """Site-level DP with Poisson site sampling and augmentation (per-slot secret seeds through
+    tf.data and TFF's runtime): the rows name no sampled sites, no loss, no example counts."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(
+        SMOKE.read_text().replace('level = "sample"', 'level = "site"')
+        + "\n[data.augment]\nrotation = 10.0\nnoise_std = 0.05\nnoise_prob = 0.5\n"
+    )
+    cfg.write_text(cfg.read_text().replace("[train]\n", "[train]\nsites_per_round = 2\n"))
+    run = tmp_path / "run"
+    summary = run_ok("train", "--config", str(cfg), "--data", str(smoke_data), "--out", str(run))
+    assert summary["rounds"] == 2 and summary["privacy"] == "site"
+    from tff_privseg import config as config_lib
+
+    resolved = config_lib.load(run / "config.toml")
+    assert resolved.train.sites_per_round == 2 and resolved.data.augment.rotation == 10.0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert set(row) == {"round", "val_dice", "epsilon", "delta", "seconds"}, row
 
 
 def test_kill_mid_round_then_resume_gives_the_same_epsilon_and_rounds(smoke_data, tmp_path):

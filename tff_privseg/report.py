@@ -4,7 +4,8 @@
 ``config.toml`` (optional) and, when there, ``eval_test/evaluation.json``; it writes into
 ``out`` (temp folder, then one rename)::
 
-    loss.png  val_dice.png  epsilon.png     one line per run, x = round
+    loss.png  val_dice.png  epsilon.png     one line per run, x = round (loss: runs without DP
+                                            only, DP runs do not release it; no file if none)
     privacy_utility.png                     several runs: final ε vs final validation Dice
     report.md                               markdown table, one row per run
     report.json                             the same numbers

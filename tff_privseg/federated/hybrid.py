@@ -133,8 +133,9 @@ class HybridProcess:
         weights = state.global_model_weights.trainable
         lr = np.float32(state.client_work)
         results = [self.client_update(weights, data, lr) for data in client_data]
+        # no site (an empty site-level Poisson sample): the server step still adds its noise
         updates, update_weights, examples, losses = (
-            list(col) for col in zip(*results, strict=False)
+            [list(col) for col in zip(*results, strict=True)] if results else ([], [], [], [])
         )
         return self._server_step(state, updates, update_weights, examples, losses)
 

@@ -2,7 +2,9 @@
 
 Run directory (`train --out RUN`):
   config.toml      resolved config
-  metrics.jsonl    one object per round: round, loss, val_dice, epsilon, delta, seconds, ...
+  metrics.jsonl    one object per round: round, val_dice, epsilon, delta, seconds, sites;
+                   loss and examples only without DP, sites not under site-level DP
+                   (`round_row`)
   privacy.json     the privacy ledger: every number needed to recompute ε
   checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
   secret/run_key   the run's secret noise key, written before round 1, reused by --resume
@@ -28,7 +30,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +51,18 @@ from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
 
 @dataclass
 class RoundPlan:
-    """What one round does: participating sites, their batches (and slot weights), seeds."""
+    """What one round does: participating sites, their batches (and slot weights), seeds.
+
+    augment: per site, one int64 [b, 2] seed per slot of each batch (None: no augmentation).
+    Under DP every choice here that concerns a record is secret: drawn from the run key.
+    """
 
     round_num: int
     sites: list[int]
     batches: dict[int, list[np.ndarray]]
     weights: dict[int, list[np.ndarray] | None]
     seeds: dict[int, np.ndarray]
+    augment: dict[int, list[np.ndarray] | None] = field(default_factory=dict)
 
     def steps(self, names: list[str]) -> dict[str, int]:
         return {names[i]: len(self.batches[i]) for i in self.sites}
@@ -120,33 +127,56 @@ def sites_per_round(cfg: Config, num_sites: int) -> int:
     return num_sites if k <= 0 or k >= num_sites else k
 
 
-def plan_round(cfg: Config, sites: list[SiteData], round_num: int, run_key: int) -> RoundPlan:
-    seed = cfg.train.seed
-    chosen = sampling.sample_sites(
-        len(sites),
-        cfg.train.sites_per_round,
-        poisson=cfg.privacy.level == "site",
-        gen=sampling.rng(seed, round_num, -1, "sites"),
-    )
-    batches, weights, seeds = {}, {}, {}
+def plan_round(
+    cfg: Config, sites: list[SiteData], round_num: int, run_key: sampling.Key
+) -> RoundPlan:
+    """The round's sites, batches, slot augmentation seeds and noise seeds.
+
+    Under DP (privacy.level != "none") every choice the analysis assumes secret comes from
+    `run_key` and the record's identity (`sampling` module): Poisson records and patients, the
+    slots of a patient, augmentation, and the sites under site-level DP. Public choices (the
+    shuffled batches of non-private and site-level runs, a fixed-size site subset) come from
+    `train.seed`; without DP the augmentation key is derived from `train.seed` too, so
+    non-private runs stay reproducible.
+    """
+    seed, private = cfg.train.seed, cfg.privacy.level != "none"
+    names = [s.name for s in sites]
+    k = sites_per_round(cfg, len(sites))
+    if cfg.privacy.level == "site":
+        chosen = sampling.poisson_sites(names, k / len(sites), run_key, round_num)
+    else:
+        chosen = sampling.sample_sites(len(sites), k, sampling.rng(seed, round_num, -1, "sites"))
+    augment_key = run_key if private else sampling.public_key(seed)
+    augment = sampling.enabled(cfg.data.augment)
+    batches, weights, seeds, aug = {}, {}, {}, {}
     for i in chosen.tolist():
         site = sites[i]
-        gen = sampling.rng(seed, round_num, i, "batches")
+        ids = sampling.record_ids(site.name, site.train)
         steps = local_steps(cfg, len(site.train))
         q = sampling_rate(cfg, records(cfg, site))
         weights[i] = None
         if patient_unit(cfg):
             batches[i], weights[i] = sampling.poisson_patient_batches(
-                site.train.volume_index, q, cfg.privacy.slices_per_patient, steps, gen
+                site.train.volume_index,
+                ids,
+                q,
+                cfg.privacy.slices_per_patient,
+                steps,
+                run_key,
+                round_num,
             )
         elif cfg.privacy.level == "sample":
-            batches[i] = sampling.poisson_batches(len(site.train), q, steps, gen)
-        else:
+            batches[i] = sampling.poisson_batches(ids.slices, q, steps, run_key, round_num)
+        else:  # no DP, or site-level DP (a site's whole update is the record): public shuffle
+            gen = sampling.site_rng(seed, round_num, site.name, "batches")
             batches[i] = sampling.shuffled_batches(
                 len(site.train), cfg.train.batch_size, steps, gen
             )
-        seeds[i] = sampling.noise_seed(run_key, round_num, i)
-    return RoundPlan(round_num, chosen.tolist(), batches, weights, seeds)
+        aug[i] = (
+            sampling.slot_seeds(ids.slices, batches[i], augment_key, round_num) if augment else None
+        )
+        seeds[i] = sampling.noise_seed(run_key, round_num, site.name)
+    return RoundPlan(round_num, chosen.tolist(), batches, weights, seeds, aug)
 
 
 def client_inputs(
@@ -154,16 +184,13 @@ def client_inputs(
 ) -> list[dict[str, tf.data.Dataset]]:
     inputs = []
     for i in plan.sites:
-        augment_seed = sampling.rng(cfg.train.seed, plan.round_num, i, "augment").integers(
-            0, 2**62, size=2, dtype=np.int64
-        )
         batches = sampling.batches_dataset(
             sites[i].train.images,
             sites[i].train.labels,
             plan.batches[i],
             plan.weights[i],
             augment=cfg.data.augment,
-            seed=augment_seed,
+            seeds=plan.augment.get(i),
         )
         inputs.append({"batches": batches, "seed": tf.data.Dataset.from_tensors(plan.seeds[i])})
     return inputs
@@ -572,7 +599,9 @@ def _train_federated(
             break
         t0 = time.perf_counter()
         state = state._replace(client_work=np.float32(client_lr(cfg, r)))
-        if plan.sites:
+        # Site-level DP: a round whose Poisson sample is empty still applies its noised (zero)
+        # sum, else an unchanged model would reveal that no site was drawn.
+        if plan.sites or cfg.privacy.level == "site":
             output = process.next(state, client_inputs(cfg, sites, plan))
             state, metrics = output.state, output.metrics["client_work"]
             examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
@@ -580,16 +609,16 @@ def _train_federated(
             examples, loss_sum = 0, float("nan")
         ledger = next_ledger
         _assign(eval_model, process.get_model_weights(state).trainable)
-        row = {
-            "round": r + 1,
-            "loss": loss_sum / examples if examples else float("nan"),
-            "val_dice": validation_dice(eval_model, sites),
-            "epsilon": None if math.isinf(ledger.epsilon) else ledger.epsilon,
-            "delta": cfg.privacy.delta if cfg.privacy.level != "none" else None,
-            "seconds": time.perf_counter() - t0,
-            "examples": examples,
-            "sites": [names[i] for i in plan.sites],
-        }
+        row = round_row(
+            cfg,
+            r + 1,
+            val_dice=validation_dice(eval_model, sites),
+            epsilon=ledger.epsilon,
+            seconds=time.perf_counter() - t0,
+            loss=loss_sum / examples if examples else float("nan"),
+            examples=examples,
+            sites=[names[i] for i in plan.sites],
+        )
         run.append_metrics(row)
         header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key}
         checkpoint.save(run.checkpoints, r + 1, state, header)
@@ -606,6 +635,40 @@ def _train_federated(
     _assign(eval_model, process.get_model_weights(state).trainable)
     _save_model(eval_model, run)
     return _summary(cfg, run, rows, ledger, stopped)
+
+
+def round_row(
+    cfg: Config,
+    round_num: int,
+    *,
+    val_dice: float,
+    epsilon: float,
+    seconds: float,
+    loss: float,
+    examples: int,
+    sites: list[str],
+) -> dict[str, Any]:
+    """One metrics.jsonl row: what a round releases.
+
+    Under DP (privacy.level != "none") the training loss (an un-noised sum over the sampled
+    records) and the example count (the exact Poisson batch sizes) are left out: neither is
+    noised or accounted. Under site-level DP so are the sampled sites (the Poisson site sample
+    must stay secret). Validation Dice is computed on validation patients, not training
+    records; it gives those patients no protection (README: what the guarantee covers).
+    """
+    level = cfg.privacy.level
+    row: dict[str, Any] = {"round": round_num}
+    if level == "none":
+        row["loss"] = loss
+    row["val_dice"] = val_dice
+    row["epsilon"] = None if math.isinf(epsilon) else epsilon
+    row["delta"] = cfg.privacy.delta if level != "none" else None
+    row["seconds"] = seconds
+    if level == "none":
+        row["examples"] = examples
+    if level != "site":
+        row["sites"] = sites
+    return row
 
 
 def _train_centralized(
@@ -714,8 +777,9 @@ def _advance(bar: Any, row: dict[str, Any]) -> None:
     if bar is None:
         return
     eps = row["epsilon"]
+    shown = {"loss": f"{row['loss']:.4f}"} if "loss" in row else {}  # absent under DP
     bar.set_postfix(
-        loss=f"{row['loss']:.4f}",
+        **shown,
         val_dice=f"{row['val_dice']:.3f}",
         eps="inf" if eps is None else f"{eps:.2f}",
     )

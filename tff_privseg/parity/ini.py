@@ -518,14 +518,15 @@ def convert_ini(
     )  # fmt: skip
     report(
         sec, "deterministic", "ignored",
-        "runs here are always seeded by train.seed; bitwise-identical GPU kernels are not "
+        "public choices are seeded by train.seed (DP runs draw their batches, augmentation "
+        "and noise from a secret per-run key); bitwise-identical GPU kernels are not "
         "promised either way",
     )  # fmt: skip
     put("train.seed", v.integer(sec, "seed"))
     report(
         sec, "seed", "mapped",
-        "seeds initialisation, batch sampling and augmentation (the DP noise has its own "
-        "secret key)",
+        "seeds initialisation, and batches and augmentation of runs without DP (under DP "
+        "those and the noise come from a secret per-run key)",
         "train.seed",
     )  # fmt: skip
     report(sec, "log_interval", "ignored", "visdom logging cadence; metrics are logged per round")

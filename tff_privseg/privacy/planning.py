@@ -31,7 +31,33 @@ def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[fl
 
 def group_privacy(eps: float, delta: float, k: int) -> tuple[float, float]:
     """(ε, δ) for a group of k records from (ε, δ)-DP for one: (kε, k·e^{(k-1)ε}·δ)."""
-    return k * eps, min(1.0, k * math.exp((k - 1) * eps) * delta)
+    log_delta = math.log(k) + (k - 1) * eps + math.log(delta)
+    return k * eps, 1.0 if log_delta >= 0 else math.exp(log_delta)
+
+
+def group_epsilons(event: Any, ks: list[int], delta: float, points: int = 400) -> dict:
+    """{k: the smallest group-privacy ε for a group of k records at `delta`, or None}.
+
+    Group privacy holds for every (ε', δ') the one-record mechanism satisfies: the group is
+    (kε', k·e^{(k-1)ε'}·δ')-DP. Evaluated at the fixed δ' = δ this is vacuous for k > 1 at
+    practical ε' (k·e^{(k-1)ε'}·δ ≥ 1). Here δ' runs over a log grid from δ down to 1e-300,
+    ε'(δ') comes from the RDP accountant (a valid upper bound whichever accountant the run
+    uses; the PLD accountant truncates tiny δ'), and the smallest kε' whose group δ stays
+    ≤ `delta` is kept. None: no δ' on the grid gives a group δ ≤ `delta` (no meaningful bound).
+    """
+    import numpy as np
+
+    from tff_privseg.privacy.accounting import make_accountant
+
+    accountant = make_accountant("rdp")
+    accountant.compose(event)
+    grid = np.linspace(math.log(delta), math.log(1e-300), points)
+    eps1 = np.array([float(accountant.get_epsilon(math.exp(d))) for d in grid])
+    out = {}
+    for k in ks:
+        ok = np.isfinite(eps1) & (math.log(k) + (k - 1) * eps1 + grid <= math.log(delta))
+        out[k] = float(k * eps1[ok].min()) if ok.any() else None
+    return out
 
 
 def patient_view(
@@ -40,11 +66,17 @@ def patient_view(
     """What a slice-level guarantee means per patient, beside patient-level DP at the same noise.
 
     patients / max_slices: training patients per site and the most slices any one of them has.
+    group_epsilon: group privacy for that many slices at the run's δ (`group_epsilons`), None
+    when there is no meaningful bound; largest_bounded_group: the most slices for which there
+    is one; naive_group_delta: the δ of the textbook conversion at the slice-level (ε, δ)
+    itself, (kε, k·e^{(k-1)ε}·δ), usually 1 (vacuous).
     """
     out = {}
     for name, unit in slice_plan["units"].items():
         k = max_slices[name]
-        eps_g, delta_g = group_privacy(unit["epsilon"], cfg.privacy.delta, k)
+        event = dp_sgd_event(unit["sampling_rate"], slice_plan["noise_multiplier"], unit["steps"])
+        groups = group_epsilons(event, list(range(1, k + 1)), cfg.privacy.delta)
+        _, naive_delta = group_privacy(unit["epsilon"], cfg.privacy.delta, k)
         q = min(1.0, cfg.train.batch_size / patients[name])
         eps_p = epsilon(
             dp_sgd_event(q, slice_plan["noise_multiplier"], unit["steps"]),
@@ -53,8 +85,12 @@ def patient_view(
         )
         out[name] = {
             "slices_per_patient": k,
-            "group_epsilon": eps_g,
-            "group_delta": delta_g,
+            "group_epsilon": groups[k],
+            "group_delta": cfg.privacy.delta,
+            "naive_group_delta": naive_delta,
+            "largest_bounded_group": max(
+                (j for j, e in groups.items() if e is not None), default=0
+            ),
             "patient_level_epsilon": eps_p,
             "patient_sampling_rate": q,
         }
