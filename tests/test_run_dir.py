@@ -161,7 +161,8 @@ def test_key_and_checkpoints_are_private_whatever_the_umask(trained):
     ckpts = sorted((run / "checkpoints").iterdir())
     assert [p.name for p in ckpts] == ["round_000001.npz", "round_000002.npz"]
     assert {mode(p) for p in ckpts} == {0o600}
-    key = int((run / "secret" / "run_key").read_text())
+    key = (run / "secret" / "run_key").read_text().strip()
+    assert len(key) == 64 and int(key, 16) >= 0  # 256 bits, hex
     with np.load(ckpts[-1]) as z:  # the checkpoints carry the same key (checked on resume)
         assert json.loads(bytes(z["header"]).decode())["run_key"] == key
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]

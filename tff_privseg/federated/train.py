@@ -291,7 +291,7 @@ class RunDir:
                 self.data_file,
             )
 
-    def begin(self, cfg: Config, resume: bool) -> int:
+    def begin(self, cfg: Config, resume: bool) -> str:
         """Write config.toml and persist the secret run key (before any round); return the key.
 
         A resumed run reuses its key: the same key gives the same plan and the same noise, so a
@@ -390,14 +390,21 @@ def data_digest(sites: list[SiteData]) -> str:
     return h.hexdigest()
 
 
-def new_run_key() -> int:
-    """The run's secret: it seeds the DP noise (never in the config, never printed)."""
-    return secrets.randbits(62)
+def new_run_key() -> str:
+    """The run's secret, 256 bits as hex: it keys the sampling PRF and the DP noise.
+
+    Never in the config, never printed. 256 bits so that no search over keys can recover the
+    sample from what a run releases.
+    """
+    return secrets.token_hex(32)
 
 
-def read_run_key(run: RunDir) -> int:
+def read_run_key(run: RunDir) -> str:
     try:
-        return int(run.key_file.read_text().strip())
+        key = run.key_file.read_text().strip()
+        if not key or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError("not a hex key")
+        return key
     except (OSError, ValueError) as e:
         raise UserError(f"unreadable run key ({os_problem(e) or e})", run.key_file) from None
 
