@@ -172,7 +172,8 @@ def test_compare_with_the_run_csv(journey):
     csv = journey["run"].parent / "completed_trainings.csv"
     assert csv.is_file(), "train did not append to completed_trainings.csv"
     result = run(journey["home"], "compare", str(journey["run"]), str(csv))
-    assert result  # a comparison object; its fields are tested in test_parity.py
+    assert Path(result["run_dir"]).resolve() == journey["run"].resolve()
+    assert result["baseline_kind"] == "csv (ours)" and result["differing_settings"] == []
 
 
 def test_attack_and_audit(journey):
@@ -180,6 +181,7 @@ def test_attack_and_audit(journey):
         journey["home"], "attack", "--run", str(journey["run"]), "--iterations", "5",
         "--restarts", "1", "--quiet",
     )  # fmt: skip
-    assert attack
+    assert set(attack["results"]) == {"none", "sample"}  # without and with DP-SGD
+    assert Path(attack["figure"]).is_file() and attack["site"] in journey["sites"]
     audit = run(journey["home"], "audit", "--run", str(journey["run"]))
     assert set(audit["sites"]) == set(journey["sites"])

@@ -25,9 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_cli import TAG, worker_pids
+from conftest import tagged_worker_pids
 
 ROOT = Path(__file__).resolve().parents[1]
+TAG = f"tff-privseg-run-dir-{os.getpid()}"  # in the environment of every process we start
+
+
+def worker_pids() -> set[int]:
+    return tagged_worker_pids(TAG)
+
+
 SMOKE = ROOT / "configs" / "smoke.toml"
 
 
@@ -163,6 +170,8 @@ def test_key_and_checkpoints_are_private_whatever_the_umask(trained):
     assert {mode(p) for p in ckpts} == {0o600}
     key = (run / "secret" / "run_key").read_text().strip()
     assert len(key) == 64 and int(key, 16) >= 0  # 256 bits, hex
+    assert mode(run / "secret" / "data_digest") == 0o600
+    assert not (run / "data.sha256").exists()  # an unkeyed digest would be a membership test
     with np.load(ckpts[-1]) as z:  # the checkpoints carry the same key (checked on resume)
         assert json.loads(bytes(z["header"]).decode())["run_key"] == key
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
@@ -205,7 +214,6 @@ def test_resume_with_a_changed_noise_multiplier_is_refused(trained, tmp_path):
 
 def test_resume_on_other_data_is_refused(trained, tmp_path):
     """Same key, other records: the rerun round's noise would cancel against the first's."""
-    from tff_privseg import config as config_lib
 
     run = copy_run(trained, tmp_path / "run")
     (run / "model.keras").unlink()  # as if killed before the end
@@ -216,13 +224,18 @@ def test_resume_on_other_data_is_refused(trained, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    saved = config_lib.load(run / "config.toml")
-    config_lib.save(saved.replace(**{"data.root": str(other.resolve())}), run / "config.toml")
     before = snapshot(run)
     args = ["train", "--config", str(SMOKE), "--data", str(other), "--out", str(run)]
     rc, _, err = run_cli(*args, "--resume")
-    one_line_error(rc, err, str(run / "data.sha256"), "other data")
+    one_line_error(rc, err, str(run / "secret" / "data_digest"), "other data")
     assert snapshot(run) == before
+    # the same records in another folder: data.root may change, the keyed digest still matches
+    moved = tmp_path / "moved"
+    shutil.copytree(trained["data"], moved)
+    args = ["train", "--config", str(SMOKE), "--data", str(moved), "--out", str(run)]
+    rc, _, err = run_cli(*args, "--resume")
+    assert rc == 0, err
+    assert (run / "model.keras").is_file()
 
 
 def test_resume_may_change_rounds_only_where_no_round_run_changes(trained, tmp_path):
@@ -286,7 +299,13 @@ def test_damaged_last_checkpoint_falls_back_and_the_rerun_round_is_the_same(trai
     with np.load(last) as z:
         assert sorted(z.files) == sorted(original)
         for k in original:
-            np.testing.assert_array_equal(z[k], original[k], err_msg=k)
+            if k == "header":  # the same round, ledger, key and row; only its wall time differs
+                new, old = (json.loads(bytes(h).decode()) for h in (z[k], original[k]))
+                for h in (new, old):
+                    h["row"].pop("seconds")
+                assert new == old
+            else:
+                np.testing.assert_array_equal(z[k], original[k], err_msg=k)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(rows(run)) == strip(lost_rows)
     # ... and the ledger counts it once
@@ -330,3 +349,40 @@ def test_disk_full_while_saving_the_model_is_one_line_and_no_partial_file(traine
     import tff_privseg.models  # noqa: F401  (registers the custom layers)
 
     tf.keras.models.load_model(run / "model.keras", compile=False)
+
+
+def test_a_crash_after_the_checkpoint_restores_the_rounds_row_without_rerunning(trained, tmp_path):
+    """The checkpoint commits a round before its row is written: --resume restores the row."""
+    run = copy_run(trained, tmp_path / "run")
+    full = rows(run)
+    (run / "metrics.jsonl").write_text(json.dumps(full[0]) + "\n")  # killed before row 2
+    (run / "model.keras").unlink()
+    ckpt = (run / "checkpoints" / "round_000002.npz").read_bytes()
+    rc, _, err = run_cli(*train_args(trained["data"], run), "--resume")
+    assert rc == 0, err
+    assert rows(run) == full  # round 2's row comes back as it was, seconds included
+    assert (run / "checkpoints" / "round_000002.npz").read_bytes() == ckpt  # not run again
+
+
+def test_site_level_reruns_are_counted_again():
+    """Site-level noise is drawn by TFF's aggregator, not from the run key: a round released,
+    lost with its checkpoint and run again is a second release."""
+    from tff_privseg import config as config_lib
+    from tff_privseg.federated.train import _count_site_level_reruns
+    from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
+
+    def ledger(level: str, steps: int, rounds: int) -> PrivacyLedger:
+        unit = "federation" if level == "site" else "siteA"
+        out = PrivacyLedger(level, "rdp", 1.2, 1.0, 1e-5, units={unit: UnitLedger(0.3, steps, 24)})
+        out.rounds = rounds
+        out.refresh()
+        return out
+
+    site = config_lib.load(SMOKE).replace(**{"privacy.level": "site"})
+    counted = _count_site_level_reruns(site, ledger("site", 3, 3), 2)
+    assert counted.rounds == 3 and counted.units["federation"].steps == 5
+    assert counted.epsilon == pytest.approx(ledger("site", 5, 5).epsilon)
+    assert counted.epsilon > ledger("site", 3, 3).epsilon
+    sample = config_lib.load(SMOKE)  # same key, same plan and noise: the same release
+    assert _count_site_level_reruns(sample, ledger("sample", 6, 3), 2).units["siteA"].steps == 6
+    assert _count_site_level_reruns(site, ledger("site", 3, 3), 0).units["federation"].steps == 3

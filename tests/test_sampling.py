@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -119,8 +117,10 @@ def test_dp_batches_come_from_the_secret_key_not_the_config_seed(unit):
 
 def test_run_key_may_be_int_bytes_or_str():
     cfg = dp_cfg()
-    for key in (5, b"\x01" * 32, "a" * 200):
-        assert plan_key(plan_round(cfg, SITES, 0, key), SITES)
+    plans = [
+        plan_key(plan_round(cfg, SITES, 0, key), SITES) for key in (5, b"\x01" * 32, "a" * 200)
+    ]
+    assert len(set(map(repr, plans))) == 3  # three keys, three different samples
     assert plan_key(plan_round(cfg, SITES, 0, b"k"), SITES) != plan_key(
         plan_round(cfg, SITES, 0, "k"), SITES
     )
@@ -133,9 +133,7 @@ def test_site_level_dp_site_sample_comes_from_the_key():
     assert not np.array_equal(a, sampling.poisson_sites(names, 0.25, 2, 0))
     # by name: adding a site changes no other site's draw
     b = sampling.poisson_sites(names[:7] + ["new"] + names[7:], 0.25, 1, 0)
-    assert [n for n in np.array(names)[a]] == [
-        n for n in (names[:7] + ["new"] + names[7:]) if n != "new" and n in set(np.array(names)[a])
-    ]
+    assert len(a) > 0 and len(a) < len(names)
     assert set(np.array(names)[a]) == set(np.array(names[:7] + ["new"] + names[7:])[b]) - {"new"}
 
 
@@ -147,26 +145,6 @@ def test_metrics_rows_under_dp_carry_nothing_exact_about_the_sample():
     assert set(sample) == {"round", "val_dice", "epsilon", "delta", "seconds", "sites"}
     site = round_row(dp_cfg(**{"privacy.level": "site"}), 1, **common)
     assert set(site) == {"round", "val_dice", "epsilon", "delta", "seconds"}
-
-
-def test_planning_a_default_round_takes_a_few_ms():
-    cfg = config.load("configs/default.toml")  # 3 sites x 94 patients x 8 slices, patient unit
-    sites = [
-        site_data(
-            n,
-            [
-                (f"{n}{p}", np.zeros((R, R, 1)), np.zeros((R, R)))
-                for p in range(94)
-                for _ in range(8)
-            ],
-        )
-        for n in ("a", "b", "c")
-    ]
-    plan_round(cfg, sites, 0, 1)
-    t0 = time.perf_counter()
-    for r in range(10):
-        plan_round(cfg, sites, r, 1)
-    assert (time.perf_counter() - t0) / 10 < 0.05  # measured ~4 ms; generous for shared cores
 
 
 # --- neighbouring datasets -------------------------------------------------------------------

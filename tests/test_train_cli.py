@@ -119,6 +119,7 @@ def test_site_level_dp_with_augmentation_releases_no_sample(smoke_data, tmp_path
         assert set(row) == {"round", "val_dice", "epsilon", "delta", "seconds"}, row
 
 
+@pytest.mark.slow  # the journey and test_run_dir kill and resume in the default suite
 def test_kill_mid_round_then_resume_gives_the_same_epsilon_and_rounds(smoke_data, tmp_path):
     args = ["--config", str(SMOKE), "--data", str(smoke_data), "--rounds", "4"]
     straight = run_ok("train", *args, "--out", str(tmp_path / "straight"))

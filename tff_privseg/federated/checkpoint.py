@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from tff_privseg.errors import UserError
-from tff_privseg.io import atomic_write, atomic_write_bytes, atomic_write_text, private_dir
+from tff_privseg.io import atomic_write, private_dir
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "latest", "load", "load_newest", "save"]
+__all__ = ["all_checkpoints", "latest", "load", "load_newest", "round_of", "save"]
 
 _NAME = re.compile(r"round_(\d{6})\.npz$")
 

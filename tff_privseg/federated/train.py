@@ -8,7 +8,7 @@ Run directory (`train --out RUN`):
   privacy.json     the privacy ledger: every number needed to recompute ε
   checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
   secret/run_key   the run's secret noise key, written before round 1, reused by --resume
-  data.sha256      digest of the training/validation slices (--resume refuses other data)
+  secret/data_digest  keyed digest of the training/validation slices (--resume refuses other data)
   model.keras      final Keras model (probabilities out), and model.weights.h5
   tensorboard/     scalars per round
   .lock            held (flock) by the one train running on the directory
@@ -229,8 +229,8 @@ class RunDir:
         self.secret = path / "secret"
         self.key_file = self.secret / "run_key"
         self.lock_file = path / self.LOCK
-        self.data_file = path / "data.sha256"
-        self.data_digest: str | None = None
+        self.data_file = self.secret / "data_digest"
+        self._sites: list[SiteData] = []
         self.begun = False
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # what this invocation created before `begin`
@@ -277,14 +277,29 @@ class RunDir:
         return "unknown"
 
     def check_data(self, sites: list[SiteData], resume: bool) -> None:
-        """Refuse to resume on other data than the run's (recorded in RUN/data.sha256).
+        """Refuse to resume on other data than the run's (RUN/secret/data_digest).
 
         A round run again reuses its noise; on other records, the two releases' difference
-        would be the difference of their gradients with the noise cancelled.
+        would be the difference of their gradients with the noise cancelled. The digest is
+        keyed with the run key: an unkeyed hash of the training slices would let anyone holding
+        all records but one test which one was used.
         """
-        self.data_digest = data_digest(sites)
-        recorded = self.data_file.read_text().strip() if self.data_file.exists() else None
-        if resume and recorded not in (None, self.data_digest):
+        self._sites = sites
+        if not resume or not self.key_file.exists():  # no key: _check_resume allowed a fresh one
+            return
+        try:
+            recorded = self.data_file.read_text().strip()
+        except FileNotFoundError:
+            if self.rounds_released():
+                raise UserError(
+                    "missing, but rounds were already run: cannot tell whether --resume reads "
+                    "the run's data",
+                    self.data_file,
+                ) from None
+            return
+        except OSError as e:
+            raise UserError(f"unreadable ({os_problem(e)})", self.data_file) from None
+        if recorded != data_digest(sites, read_run_key(self)):
             raise UserError(
                 "--resume on other data than the run was trained on (its training and "
                 "validation slices differ from this digest)",
@@ -292,19 +307,22 @@ class RunDir:
             )
 
     def begin(self, cfg: Config, resume: bool) -> str:
-        """Write config.toml and persist the secret run key (before any round); return the key.
+        """Write config.toml, persist the secret run key and the keyed data digest (before any
+        round); return the key. What this call creates is removed if it fails half-way.
 
         A resumed run reuses its key: the same key gives the same plan and the same noise, so a
         round released before a crash and run again releases exactly the same update.
         """
+        for path in (self.config, self.secret, self.key_file, self.data_file):
+            if not path.exists():
+                self._created.append(path)
         atomic_write_text(self.config, config_lib.dumps(cfg))
-        if self.data_digest is not None:
-            atomic_write_text(self.data_file, self.data_digest + "\n")
         key = read_run_key(self) if resume and self.key_file.exists() else None
+        private_dir(self.secret)
         if key is None:
             key = new_run_key()
-            private_dir(self.secret)
             atomic_write_text(self.key_file, f"{key}\n", mode=0o600)
+        atomic_write_text(self.data_file, data_digest(self._sites, key) + "\n", mode=0o600)
         self._make_private()
         self.begun = True
         return key
@@ -319,12 +337,12 @@ class RunDir:
                 os.chmod(p, 0o600)
 
     def abandon(self) -> None:
-        """A start that failed before `begin`: remove what this invocation created."""
+        """A start that failed before `begin` ended: remove what this invocation created."""
         if self.begun:
             return
         for p in reversed(self._created):
             with contextlib.suppress(OSError):
-                p.rmdir() if p.is_dir() else p.unlink()
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
         self._created.clear()
 
     def close(self) -> None:
@@ -377,9 +395,10 @@ class RunDir:
             atomic_write_text(self.privacy, json.dumps(ledger.to_json(), indent=2))
 
 
-def data_digest(sites: list[SiteData]) -> str:
-    """SHA-256 of what training and validation read: every site's slices, labels, patients."""
-    h = hashlib.sha256()
+def data_digest(sites: list[SiteData], key: str) -> str:
+    """Keyed BLAKE2b of what training and validation read: every site's slices, labels and
+    patients (keyed with the run key: without it, the digest reveals nothing about them)."""
+    h = hashlib.blake2b(key=sampling.key_bytes(key), person=b"data")
     for s in sites:
         h.update(s.name.encode() + b"\0")
         for part in (s.train, s.val):
@@ -402,8 +421,8 @@ def new_run_key() -> str:
 def read_run_key(run: RunDir) -> str:
     try:
         key = run.key_file.read_text().strip()
-        if not key or any(c not in "0123456789abcdef" for c in key):
-            raise ValueError("not a hex key")
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError("not a 256-bit hex key")
         return key
     except (OSError, ValueError) as e:
         raise UserError(f"unreadable run key ({os_problem(e) or e})", run.key_file) from None
@@ -466,7 +485,9 @@ def prepare_run_dir(cfg: Config, out: Path, resume: bool) -> RunDir:
 def _check_resume(cfg: Config, run: RunDir) -> None:
     """Refuse a resume that would change a round already run, its noise or its accounting."""
     saved = config_lib.load(run.config)
-    differ = [k for k in config_differences(saved, cfg) if k != "train.rounds"]
+    # Where the data lives may change: its content is checked against the run's keyed digest.
+    moved = {"train.rounds", "data.root", "data.cache_dir"}
+    differ = [k for k in config_differences(saved, cfg) if k not in moved]
     if differ:
         raise UserError(
             f"--resume with a config that differs from the run's config.toml in {', '.join(differ)}"
@@ -584,7 +605,10 @@ def _train_federated(
         path, state, header = found
         ledger = PrivacyLedger.from_json(header["ledger"])
         start = header["round"]
+        ledger = _count_site_level_reruns(cfg, ledger, run.rounds_released() - start)
         run.truncate_metrics(start)
+        if "row" in header and not any(r["round"] == start for r in run.metrics_rows()):
+            run.append_metrics(header["row"])  # committed, but the crash came before its row
     elif resume:
         run.truncate_metrics(0)
     eval_model = model_fn()
@@ -626,10 +650,12 @@ def _train_federated(
             examples=examples,
             sites=[names[i] for i in plan.sites],
         )
-        run.append_metrics(row)
-        header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key}
+        # The round is committed before anything about it leaves: a crash after the checkpoint
+        # never re-runs the round (its row is restored from the header on --resume).
+        header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key, "row": row}
         checkpoint.save(run.checkpoints, r + 1, state, header)
         run.publish_ledger(ledger)
+        run.append_metrics(row)
         _tensorboard(writer, row)
         rows.append(row)
         _advance(bar, row)
@@ -642,6 +668,23 @@ def _train_federated(
     _assign(eval_model, process.get_model_weights(state).trainable)
     _save_model(eval_model, run)
     return _summary(cfg, run, rows, ledger, stopped)
+
+
+def _count_site_level_reruns(cfg: Config, ledger: PrivacyLedger, reruns: int) -> PrivacyLedger:
+    """The ledger to resume with when `reruns` released rounds must run again (the newest
+    checkpoints were damaged).
+
+    Sample level: a re-run round has the same plan and noise (both from the run key), so it is
+    the same release and counts once. Site level: TFF's aggregator draws its noise itself, not
+    from the run key, so a re-run round is a second release with fresh noise: counted again.
+    """
+    if reruns <= 0 or cfg.privacy.level != "site":
+        return ledger
+    _warn(
+        f"warning: {reruns} released round(s) run again with fresh site-level noise; "
+        "ε counts them twice"
+    )
+    return ledger.with_repeats({name: reruns for name in ledger.units})
 
 
 def round_row(
@@ -752,7 +795,8 @@ def _assign(model: tf.keras.Model, weights: list[np.ndarray]) -> None:
 def _save_model(model: tf.keras.Model, run: RunDir) -> None:
     """model.keras and model.weights.h5, each complete or absent (disk full: one line, no file).
 
-    Both are written to temporary names first and renamed only once both are complete.
+    Each is written to a temporary name and renamed once complete (the weights first: a
+    model.keras in place means both are).
     """
     with atomic_path(run.model) as keras_tmp:  # nested: each names its own file on failure
         model.save(keras_tmp)

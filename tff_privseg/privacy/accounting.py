@@ -92,11 +92,19 @@ class PrivacyLedger:
 
     def with_round(self, steps_per_unit: dict[str, int]) -> PrivacyLedger:
         """The ledger after one more round in which each unit took the given number of steps."""
+        return self._with_steps(steps_per_unit, rounds=1)
+
+    def with_repeats(self, steps_per_unit: dict[str, int]) -> PrivacyLedger:
+        """The ledger with mechanism steps that were released again (a round run twice with
+        fresh noise): they count in ε, not as training rounds."""
+        return self._with_steps(steps_per_unit, rounds=0)
+
+    def _with_steps(self, steps_per_unit: dict[str, int], rounds: int) -> PrivacyLedger:
         units = {
             name: UnitLedger(u.sampling_rate, u.steps + steps_per_unit.get(name, 0), u.records)
             for name, u in self.units.items()
         }
-        out = PrivacyLedger(**{**asdict(self), "units": units, "rounds": self.rounds + 1})
+        out = PrivacyLedger(**{**asdict(self), "units": units, "rounds": self.rounds + rounds})
         out.refresh()
         return out
 
