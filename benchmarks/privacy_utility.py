@@ -67,6 +67,7 @@ def measure(
     base = config_lib.load(config, overrides)
     if rounds:
         base = base.replace(**{"train.rounds": rounds})
+    load_training_data(base, None, progress=False)  # build and cache the data outside the timing
     rows = []
     for name, overrides in variants(base, list(eps), patient):
         target = overrides.pop("_target", None)

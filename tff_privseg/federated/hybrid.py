@@ -117,6 +117,7 @@ class HybridProcess:
                 model_fn, loss_fn, client_optimizer(cfg), dp_by_site
             )
         self._by_examples = cfg.train.weighting == "examples"
+        self._private = cfg.privacy.level != "none"
         self._server_step = _server_step(cfg, sites_per_round, self.tff_process)
 
     def client_update(self, weights: Sequence[np.ndarray], data: dict, lr: float) -> tuple:
@@ -127,6 +128,8 @@ class HybridProcess:
                 [tf.constant(w) for w in weights], data["batches"], seed, tf.constant(lr)
             )
         weight = np.float32(examples.numpy()) if self._by_examples else np.float32(1.0)
+        if self._private:  # the exact sample size and loss never leave a DP site (un-noised)
+            return [d.numpy() for d in delta], weight, np.int64(0), np.float32(0.0)
         return [d.numpy() for d in delta], weight, examples.numpy(), loss_sum.numpy()
 
     def next(self, state, client_data: Sequence[dict]):

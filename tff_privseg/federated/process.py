@@ -126,6 +126,7 @@ def build_process(
 
     client_opt = client_optimizer(cfg)
     lr_type = tff.TensorType(np.float32)
+    private = cfg.privacy.level != "none"
 
     @tff.tensorflow.computation(weights_type, data_type, lr_type)
     def client_update(weights, data, lr):
@@ -135,6 +136,8 @@ def build_process(
         weight = (
             tf.cast(examples, tf.float32) if cfg.train.weighting == "examples" else tf.constant(1.0)
         )
+        if private:  # the exact sample size and loss never leave a DP site (un-noised)
+            examples, loss_sum = tf.zeros_like(examples), tf.zeros_like(loss_sum)
         metrics = collections.OrderedDict(examples=examples, loss_sum=loss_sum)
         return tff.learning.templates.ClientResult(update=delta, update_weight=weight), metrics
 
