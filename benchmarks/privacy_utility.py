@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from tff_privseg import config as config_lib
-from tff_privseg.federated.train import load_training_data, records, train
+from tff_privseg.federated.train import load_training_data, train
 from tff_privseg.privacy.planning import privacy_plan
+from tff_privseg.schedule import records
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

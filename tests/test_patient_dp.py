@@ -12,10 +12,10 @@ from tff_privseg.config import AugmentConfig
 from tff_privseg.data import load_sites, write_synthetic_dataset
 from tff_privseg.data.augment import augment_batch
 from tff_privseg.federated import sampling
-from tff_privseg.federated.train import client_lr
 from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery
 from tff_privseg.privacy.planning import privacy_plan
 from tff_privseg.privacy.records import record_dp_gradient
+from tff_privseg.schedule import client_lr
 
 R = 8
 

@@ -20,13 +20,7 @@ Lifecycle: `prepare_run_dir` (lock, checks) -> data loaded, process built -> `Ru
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import json
 import math
-import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -37,16 +31,25 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tff_privseg import config as config_lib
 from tff_privseg.config import Config
 from tff_privseg.data import SiteData, ensure_synthetic, load_sites
 from tff_privseg.errors import UserError
 from tff_privseg.federated import checkpoint, sampling
-from tff_privseg.io import atomic_path, atomic_write_text, os_problem, private_dir
+from tff_privseg.federated.run_dir import RunDir, prepare_run_dir, read_run_key
+from tff_privseg.io import atomic_path
 from tff_privseg.losses import get_loss
 from tff_privseg.metrics import pooled_dice
 from tff_privseg.models import build_model
-from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
+from tff_privseg.privacy.accounting import PrivacyLedger
+from tff_privseg.privacy.planning import new_ledger
+from tff_privseg.schedule import (
+    client_lr,
+    local_steps,
+    patient_unit,
+    records,
+    sampling_rate,
+    sites_per_round,
+)
 
 
 @dataclass
@@ -66,65 +69,6 @@ class RoundPlan:
 
     def steps(self, names: list[str]) -> dict[str, int]:
         return {names[i]: len(self.batches[i]) for i in self.sites}
-
-
-def local_steps(cfg: Config, site_size: int) -> int:
-    t = cfg.train
-    if t.local_epochs > 0:
-        return t.local_epochs * math.ceil(site_size / t.batch_size)
-    return t.local_steps
-
-
-def sampling_rate(cfg: Config, records: int) -> float:
-    """Poisson rate q = batch_size / records (records: slices, or patients for unit=patient)."""
-    return min(1.0, cfg.train.batch_size / records)
-
-
-def patient_unit(cfg: Config) -> bool:
-    return cfg.privacy.level == "sample" and cfg.privacy.unit == "patient"
-
-
-def records(cfg: Config, site: SiteData) -> int:
-    """Privacy records at a site: training slices, or training patients."""
-    if patient_unit(cfg):
-        return len(np.unique(site.train.volume_index))
-    return len(site.train)
-
-
-def client_lr(cfg: Config, round_num: int) -> float:
-    """Client learning rate of a round (0-based): constant, or log-linear client_lr -> end_lr."""
-    t = cfg.train
-    if t.lr_schedule == "constant" or t.rounds == 1:
-        return t.client_lr
-    frac = round_num / (t.rounds - 1)
-    return float(t.client_lr * (t.end_lr / t.client_lr) ** frac)
-
-
-def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
-    p = cfg.privacy
-    ledger = PrivacyLedger(
-        level=p.level,
-        accountant=p.accountant,
-        noise_multiplier=p.noise_multiplier,
-        l2_norm_clip=p.l2_norm_clip,
-        delta=p.delta,
-    )
-    if p.level == "sample":
-        ledger.unit = p.unit
-        for s in sites:
-            n = records(cfg, s)
-            ledger.units[s.name] = UnitLedger(sampling_rate(cfg, n), 0, n)
-    elif p.level == "site":
-        ledger.unit = "site"
-        q = sites_per_round(cfg, len(sites)) / len(sites)
-        ledger.units["federation"] = UnitLedger(q, 0, len(sites))
-    ledger.refresh()
-    return ledger
-
-
-def sites_per_round(cfg: Config, num_sites: int) -> int:
-    k = cfg.train.sites_per_round
-    return num_sites if k <= 0 or k >= num_sites else k
 
 
 def plan_round(
@@ -205,317 +149,6 @@ def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 3
         probs = model.predict(s.val.images, batch_size=batch, verbose=0)
         scores.append(float(pooled_dice(probs, s.val.labels)))
     return float(np.mean(scores)) if scores else float("nan")
-
-
-class RunDir:
-    """Paths and writers of a run directory, and its lifecycle.
-
-    `prepare_run_dir` locks the directory and checks that it can take this run, writing
-    nothing but the lock file; `begin` (once the data loaded and the process built) writes
-    config.toml and the secret run key; `abandon` removes what a start that failed before
-    `begin` created, so the same command can simply be run again; `close` drops the lock.
-    """
-
-    LOCK = ".lock"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.metrics = path / "metrics.jsonl"
-        self.privacy = path / "privacy.json"
-        self.config = path / "config.toml"
-        self.checkpoints = path / "checkpoints"
-        self.model = path / "model.keras"
-        self.weights = path / "model.weights.h5"
-        self.secret = path / "secret"
-        self.key_file = self.secret / "run_key"
-        self.lock_file = path / self.LOCK
-        self.data_file = self.secret / "data_digest"
-        self._sites: list[SiteData] = []
-        self.begun = False
-        self._lock_fd: int | None = None
-        self._created: list[Path] = []  # what this invocation created before `begin`
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Hold an exclusive OS lock on RUN/.lock for this process' life.
-
-        The kernel releases it when the process ends, however it ends (SIGKILL included); the
-        descriptor is not inherited by the TFF worker. The file is never deleted while in use
-        (that would let a second process lock a fresh inode), only by `abandon`.
-        """
-        for _ in range(3):
-            existed = self.lock_file.exists()
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise UserError(
-                    f"another train is running on this run directory (pid {self._holder()})",
-                    self.path,
-                ) from None
-            try:  # the file we locked is still the one at that path (not removed meanwhile)
-                same = os.fstat(fd).st_ino == os.stat(self.lock_file).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            self._lock_fd = fd
-            if not existed:
-                self._created.append(self.lock_file)
-            return
-        raise UserError("could not lock the run directory (it keeps being replaced)", self.path)
-
-    def _holder(self) -> str:
-        for _ in range(10):
-            with contextlib.suppress(OSError, ValueError):
-                return str(int(self.lock_file.read_text().strip()))
-            time.sleep(0.05)  # the holder may be between truncating and writing its pid
-        return "unknown"
-
-    def check_data(self, sites: list[SiteData], resume: bool) -> None:
-        """Refuse to resume on other data than the run's (RUN/secret/data_digest).
-
-        A round run again reuses its noise; on other records, the two releases' difference
-        would be the difference of their gradients with the noise cancelled. The digest is
-        keyed with the run key: an unkeyed hash of the training slices would let anyone holding
-        all records but one test which one was used.
-        """
-        self._sites = sites
-        if not resume or not self.key_file.exists():  # no key: _check_resume allowed a fresh one
-            return
-        try:
-            recorded = self.data_file.read_text().strip()
-        except FileNotFoundError:
-            if self.rounds_released():
-                raise UserError(
-                    "missing, but rounds were already run: cannot tell whether --resume reads "
-                    "the run's data",
-                    self.data_file,
-                ) from None
-            return
-        except OSError as e:
-            raise UserError(f"unreadable ({os_problem(e)})", self.data_file) from None
-        if recorded != data_digest(sites, read_run_key(self)):
-            raise UserError(
-                "--resume on other data than the run was trained on (its training and "
-                "validation slices differ from this digest)",
-                self.data_file,
-            )
-
-    def begin(self, cfg: Config, resume: bool) -> str:
-        """Write config.toml, persist the secret run key and the keyed data digest (before any
-        round); return the key. What this call creates is removed if it fails half-way.
-
-        A resumed run reuses its key: the same key gives the same plan and the same noise, so a
-        round released before a crash and run again releases exactly the same update.
-        """
-        for path in (self.config, self.secret, self.key_file, self.data_file):
-            if not path.exists():
-                self._created.append(path)
-        atomic_write_text(self.config, config_lib.dumps(cfg))
-        key = read_run_key(self) if resume and self.key_file.exists() else None
-        private_dir(self.secret)
-        if key is None:
-            key = new_run_key()
-            atomic_write_text(self.key_file, f"{key}\n", mode=0o600)
-        atomic_write_text(self.data_file, data_digest(self._sites, key) + "\n", mode=0o600)
-        self._make_private()
-        self.begun = True
-        return key
-
-    def _make_private(self) -> None:
-        """The key and the checkpoints (which hold it): 0600 in 0700 folders."""
-        private_dir(self.secret)
-        os.chmod(self.key_file, 0o600)
-        if self.checkpoints.exists():
-            private_dir(self.checkpoints)
-            for p in self.checkpoints.iterdir():
-                os.chmod(p, 0o600)
-
-    def abandon(self) -> None:
-        """A start that failed before `begin` ended: remove what this invocation created."""
-        if self.begun:
-            return
-        for p in reversed(self._created):
-            with contextlib.suppress(OSError):
-                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
-        self._created.clear()
-
-    def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-    # -- contents --------------------------------------------------------------------------
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        try:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-        except OSError as e:
-            raise UserError(f"cannot write ({os_problem(e)})", self.metrics) from e
-
-    def metrics_rows(self) -> list[dict[str, Any]]:
-        if not self.metrics.exists():
-            return []
-        rows = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a row cut short by a crash or a full disk
-                continue
-        return rows
-
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop rows of rounds that were never checkpointed (after a crash)."""
-        rows = [r for r in self.metrics_rows() if r["round"] <= last_round]
-        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def rounds_released(self) -> int:
-        """The last round any file of the run records (metrics, checkpoints, privacy.json)."""
-        done = max((r["round"] for r in self.metrics_rows()), default=0)
-        if self.checkpoints.exists():
-            done = max(
-                [done]
-                + [checkpoint.round_of(p) for p in checkpoint.all_checkpoints(self.checkpoints)]
-            )
-        return max(done, _ledger_rounds(self.privacy))
-
-    def publish_ledger(self, ledger: PrivacyLedger) -> None:
-        """Write privacy.json, never lowering the rounds it counts.
-
-        After a fall-back to an older checkpoint the later rounds run again with the same key
-        (the same releases); until they have, privacy.json keeps counting them.
-        """
-        if ledger.rounds >= _ledger_rounds(self.privacy):
-            atomic_write_text(self.privacy, json.dumps(ledger.to_json(), indent=2))
-
-
-def data_digest(sites: list[SiteData], key: str) -> str:
-    """Keyed BLAKE2b of what training and validation read: every site's slices, labels and
-    patients (keyed with the run key: without it, the digest reveals nothing about them)."""
-    h = hashlib.blake2b(key=sampling.key_bytes(key), person=b"data")
-    for s in sites:
-        h.update(s.name.encode() + b"\0")
-        for part in (s.train, s.val):
-            for a in (part.images, part.labels, part.volume_index):
-                a = np.ascontiguousarray(a)
-                h.update(f"{a.dtype.str}{a.shape}".encode())
-                h.update(a.data)
-    return h.hexdigest()
-
-
-def new_run_key() -> str:
-    """The run's secret, 256 bits as hex: it keys the sampling PRF and the DP noise.
-
-    Never in the config, never printed. 256 bits so that no search over keys can recover the
-    sample from what a run releases.
-    """
-    return secrets.token_hex(32)
-
-
-def read_run_key(run: RunDir) -> str:
-    try:
-        key = run.key_file.read_text().strip()
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
-            raise ValueError("not a 256-bit hex key")
-        return key
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable run key ({os_problem(e) or e})", run.key_file) from None
-
-
-def _ledger_rounds(path: Path) -> int:
-    try:
-        return int(json.loads(path.read_text()).get("rounds", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(old: Config, new: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    a, b = _flat(config_lib.to_dict(old)), _flat(config_lib.to_dict(new))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def prepare_run_dir(cfg: Config, out: Path, resume: bool) -> RunDir:
-    """Lock `out` and check that it can take this run (a new one, or `resume` of the same).
-
-    Writes nothing but RUN/.lock (and RUN itself for a new run): config.toml and the run key
-    come with `RunDir.begin`, so a start that fails before it leaves nothing behind.
-    """
-    run = RunDir(out)
-    if resume:
-        if not run.config.exists():
-            raise UserError("nothing to resume: no config.toml", out)
-        run.lock()
-        try:
-            _check_resume(cfg, run)
-        except BaseException:
-            run.abandon()
-            run.close()
-            raise
-        return run
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", out)
-    if not out.exists():
-        out.mkdir(parents=True)
-        run._created.append(out)
-    run.lock()
-    if any(p.name != RunDir.LOCK for p in out.iterdir()):
-        run.abandon()
-        run.close()
-        raise UserError("run directory exists and is not empty (use --resume or a new --out)", out)
-    return run
-
-
-def _check_resume(cfg: Config, run: RunDir) -> None:
-    """Refuse a resume that would change a round already run, its noise or its accounting."""
-    saved = config_lib.load(run.config)
-    # Where the data lives may change: its content is checked against the run's keyed digest.
-    moved = {"train.rounds", "data.root", "data.cache_dir"}
-    differ = [k for k in config_differences(saved, cfg) if k not in moved]
-    if differ:
-        raise UserError(
-            f"--resume with a config that differs from the run's config.toml in {', '.join(differ)}"
-            " (only train.rounds may change)",
-            run.path,
-        )
-    done = run.rounds_released()
-    old, new = saved.train.rounds, cfg.train.rounds
-    if new != old:
-        if new < done:
-            raise UserError(
-                f"--resume: train.rounds = {new} is below the {done} rounds already run", run.path
-            )
-        if any(client_lr(saved, r) != client_lr(cfg, r) for r in range(done)):
-            raise UserError(
-                f"--resume: changing train.rounds ({old} -> {new}) changes the learning rate of "
-                f"rounds already run (lr_schedule = {cfg.train.lr_schedule}); keep train.rounds",
-                run.path,
-            )
-    if not run.key_file.exists():
-        if done or (run.checkpoints.exists() and any(run.checkpoints.iterdir())):
-            raise UserError(
-                "missing, but rounds were already run: resuming would draw a new noise key and "
-                "release them again with different noise",
-                run.key_file,
-            )
-    else:
-        read_run_key(run)
 
 
 def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
@@ -782,7 +415,7 @@ def _train_centralized(
         if on_round:
             on_round(row)
     ledger = new_ledger(cfg, sites)
-    atomic_write_text(run.privacy, json.dumps(ledger.to_json(), indent=2))
+    run.publish_ledger(ledger)
     _save_model(model, run)
     return _summary(cfg, run, rows, ledger, None)
 

@@ -6,7 +6,38 @@ import math
 from typing import Any
 
 from tff_privseg.config import Config
-from tff_privseg.privacy.accounting import calibrate_noise, dp_sgd_event, epsilon
+from tff_privseg.data import SiteData
+from tff_privseg.privacy.accounting import (
+    PrivacyLedger,
+    UnitLedger,
+    calibrate_noise,
+    dp_sgd_event,
+    epsilon,
+)
+from tff_privseg.schedule import local_steps, records, sampling_rate, sites_per_round
+
+
+def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
+    """The empty ledger of a run: its accounting units (sites, or the federation), q and n."""
+    p = cfg.privacy
+    ledger = PrivacyLedger(
+        level=p.level,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        l2_norm_clip=p.l2_norm_clip,
+        delta=p.delta,
+    )
+    if p.level == "sample":
+        ledger.unit = p.unit
+        for s in sites:
+            n = records(cfg, s)
+            ledger.units[s.name] = UnitLedger(sampling_rate(cfg, n), 0, n)
+    elif p.level == "site":
+        ledger.unit = "site"
+        q = sites_per_round(cfg, len(sites)) / len(sites)
+        ledger.units["federation"] = UnitLedger(q, 0, len(sites))
+    ledger.refresh()
+    return ledger
 
 
 def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[float, int]]:
@@ -17,8 +48,6 @@ def unit_schedule(cfg: Config, site_sizes: dict[str, int]) -> dict[str, tuple[fl
     site assumed in every round: an upper bound when sites are sampled). Site level: one unit,
     q = sites_per_round / sites, one step per round.
     """
-    from tff_privseg.federated.train import local_steps, sampling_rate, sites_per_round
-
     t = cfg.train
     if cfg.privacy.level == "site":
         k = sites_per_round(cfg, len(site_sizes))
