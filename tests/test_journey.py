@@ -15,13 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import tagged_worker_pids
+from conftest import start_cli, tagged_worker_pids, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-journey-{os.getpid()}"
@@ -33,14 +32,7 @@ def leftover_workers() -> set[int]:
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TFF_PRIVSEG_TEST_TAG": TAG},
-    )
+    return start_cli(TAG, *args, cwd=cwd)
 
 
 def run(cwd: Path, *args: str, timeout: float = 300) -> dict:
@@ -51,15 +43,6 @@ def run(cwd: Path, *args: str, timeout: float = 300) -> dict:
     assert "Traceback" not in err, err[-3000:]
     assert not leftover_workers(), f"a TFF worker outlived `{' '.join(args)}`"
     return json.loads(out.strip().splitlines()[-1])
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,11 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tagged_worker_pids
+from conftest import start_cli, synth_smoke, tagged_worker_pids, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-run-dir-{os.getpid()}"  # in the environment of every process we start
@@ -39,19 +37,7 @@ SMOKE = ROOT / "configs" / "smoke.toml"
 
 
 def cli(*args: str, preexec_fn=None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={
-            **os.environ,
-            "TFF_PRIVSEG_TEST_TAG": TAG,
-            "TF_CPP_MIN_LOG_LEVEL": "3",
-        },  # as users run it
-        preexec_fn=preexec_fn,
-    )
+    return start_cli(TAG, *args, preexec_fn=preexec_fn)
 
 
 def run_cli(*args: str, timeout: float = 300, preexec_fn=None) -> tuple[int, str, str]:
@@ -91,29 +77,13 @@ def rows(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def train_args(data: Path, out: Path, *more: str) -> list[str]:
     return ["train", "--config", str(SMOKE), "--data", str(data), "--out", str(out), *more]
 
 
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "smoke"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", "data", "synth", "--out", str(root), "--sites", "3",
-         "--volumes-per-site", "4", "--seed", "1", "--shape", "48", "48", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return root
+    return synth_smoke(tmp_path_factory.mktemp("data") / "smoke")
 
 
 @pytest.fixture(scope="module")
@@ -218,12 +188,7 @@ def test_resume_on_other_data_is_refused(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     (run / "model.keras").unlink()  # as if killed before the end
     other = tmp_path / "other"  # the same layout and config, other patients
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", "data", "synth", "--out", str(other), "--sites", "3",
-         "--volumes-per-site", "4", "--seed", "2", "--shape", "48", "48", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    synth_smoke(other, seed=2)
     before = snapshot(run)
     args = ["train", "--config", str(SMOKE), "--data", str(other), "--out", str(run)]
     rc, _, err = run_cli(*args, "--resume")

@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import alive, tagged_worker_pids
+from conftest import alive, start_cli, synth_smoke, tagged_worker_pids, wait_for
 
 from tff_privseg.privacy.accounting import epsilon_of_ledger
 
@@ -32,14 +31,7 @@ def worker_pids() -> set[int]:
 
 
 def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TFF_PRIVSEG_TEST_TAG": TAG},
-    )
+    return start_cli(TAG, *args)
 
 
 def run_ok(*args: str, timeout: float = 300) -> dict:
@@ -49,15 +41,6 @@ def run_ok(*args: str, timeout: float = 300) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def rounds_logged(run: Path) -> int:
     metrics = run / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
@@ -65,14 +48,7 @@ def rounds_logged(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "smoke"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cli", "data", "synth", "--out", str(root), "--sites", "3",
-         "--volumes-per-site", "4", "--seed", "1", "--shape", "48", "48", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return root
+    return synth_smoke(tmp_path_factory.mktemp("data") / "smoke")
 
 
 def test_train_writes_the_run_directory_and_a_recomputable_epsilon(smoke_data, tmp_path):
