@@ -78,7 +78,7 @@ def from_ini(
     also written as comments at the top of the TOML.
     """
     from tff_privseg.errors import UserError
-    from tff_privseg.parity._io import atomic_write_text
+    from tff_privseg.io import atomic_write_text
     from tff_privseg.parity.ini import convert_ini_file
 
     if slices_per_site is not None and data_root is not None:
@@ -102,6 +102,7 @@ def from_ini(
         )
     text = conversion.toml()
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text)
     result = conversion.to_json()
     result["out"] = str(out) if out is not None else None

@@ -54,6 +54,7 @@ class RunDir:
         self.lock_file = path / self.LOCK
         self.data_file = self.secret / "data_digest"
         self._sites: list[SiteData] = []
+        self._digest: str | None = None  # of `_sites` under the persisted key, once computed
         self.begun = False
         self._lock_fd: int | None = None
         self._created: list[Path] = []  # what this invocation created before `begin`
@@ -122,7 +123,8 @@ class RunDir:
             return
         except OSError as e:
             raise UserError(f"unreadable ({os_problem(e)})", self.data_file) from None
-        if recorded != data_digest(sites, read_run_key(self)):
+        self._digest = data_digest(sites, read_run_key(self))
+        if recorded != self._digest:
             raise UserError(
                 "--resume on other data than the run was trained on (its training and "
                 "validation slices differ from this digest)",
@@ -145,7 +147,8 @@ class RunDir:
         if key is None:
             key = new_run_key()
             atomic_write_text(self.key_file, f"{key}\n", mode=0o600)
-        atomic_write_text(self.data_file, data_digest(self._sites, key) + "\n", mode=0o600)
+        digest = self._digest or data_digest(self._sites, key)  # check_data used this key
+        atomic_write_text(self.data_file, digest + "\n", mode=0o600)
         self._make_private()
         self.begun = True
         return key

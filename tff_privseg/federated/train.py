@@ -263,14 +263,11 @@ def _train_federated(
             break
         t0 = time.perf_counter()
         state = state._replace(client_work=np.float32(client_lr(cfg, r)))
-        # Site-level DP: a round whose Poisson sample is empty still applies its noised (zero)
-        # sum, else an unchanged model would reveal that no site was drawn.
-        if plan.sites or cfg.privacy.level == "site":
-            output = process.next(state, client_inputs(cfg, sites, plan))
-            state, metrics = output.state, output.metrics["client_work"]
-            examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
-        else:  # no site drawn this round: nothing released, the draw still counts (see ledger)
-            examples, loss_sum = 0, float("nan")
+        # Every round runs, also a site-level round whose Poisson sample is empty: it still
+        # applies its noised (zero) sum, else an unchanged model would reveal the empty draw.
+        output = process.next(state, client_inputs(cfg, sites, plan))
+        state, metrics = output.state, output.metrics["client_work"]
+        examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
         ledger = next_ledger
         _assign(eval_model, process.get_model_weights(state).trainable)
         row = round_row(
