@@ -97,7 +97,7 @@ def train_rounds(build: Callable[[], Any], sites: int, rounds: int) -> dict[str,
     """
     import numpy as np
 
-    from tff_privseg.federated.runtime import local_runtime
+    from tff_privseg.runtime import local_runtime
 
     me = os.getpid()
     rows: list[dict[str, Any]] = []

@@ -125,7 +125,7 @@ def model_description(model: dict) -> str:
 def run(quick: bool = False) -> dict[str, Any]:
     import numpy as np
 
-    from tff_privseg.federated.runtime import local_runtime
+    from tff_privseg.runtime import local_runtime
 
     if quick:
         sites_sweep, res_sweep, base_res, base_sites = (1, 2), (16, 32), 32, 1

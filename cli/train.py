@@ -91,7 +91,7 @@ def train(
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
     if workers or tls_dir:
-        from tff_privseg.federated.remote import check_remote_args
+        from tff_privseg.runtime import check_remote_args
 
         check_remote_args(workers, tls_dir)
     out = out or f"runs/{Path(config_path).stem}-{cfg.digest()}"

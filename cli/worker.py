@@ -55,8 +55,7 @@ def worker(
     if ctx.invoked_subcommand is not None:
         return
     from tff_privseg.errors import UserError
-    from tff_privseg.federated.pki import TlsFiles
-    from tff_privseg.federated.worker_service import run_worker
+    from tff_privseg.runtime import TlsFiles, run_worker
 
     if port is None:
         raise UserError("--port is required (0 picks a free port)")
@@ -101,7 +100,7 @@ def certs(out: str, hosts: tuple[str, ...], days: int, force: bool, as_json: boo
     (coordinator: `train --tls-dir DIR`). Keys are 0600. Copy only what each party needs: a
     worker needs ca.pem + server.*, the coordinator ca.pem + client.*; keep ca.key offline.
     """
-    from tff_privseg.federated.pki import make_pki
+    from tff_privseg.runtime import make_pki
 
     result = make_pki(out, hosts, days=days, force=force)
     emit(result, as_json, _print_certs)

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 @pytest.fixture(scope="session")
 def tff_runtime():
     """TFF's context on a private worker (network namespace + Unix socket) for the session."""
-    from tff_privseg.federated.runtime import local_runtime
+    from tff_privseg.runtime import local_runtime
 
     with local_runtime() as worker:
         yield worker

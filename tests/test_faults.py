@@ -99,7 +99,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    from tff_privseg.federated.pki import make_pki
+    from tff_privseg.runtime import make_pki
 
     out = tmp_path_factory.mktemp("pki")
     make_pki(out)

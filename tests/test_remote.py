@@ -26,15 +26,15 @@ import tensorflow as tf
 from tff_privseg import config
 from tff_privseg.errors import UserError
 from tff_privseg.federated import sampling
-from tff_privseg.federated.pki import make_pki
-from tff_privseg.federated.remote import (
+from tff_privseg.runtime import (
     RemoteTls,
     WorkerLost,
-    _tff_stub_class,
+    make_pki,
     parse_workers,
     probe,
     remote_runtime,
 )
+from tff_privseg.runtime.remote import _tff_stub_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"

@@ -195,7 +195,7 @@ def train(
         run.check_data(sites, resume)
         if cfg.train.mode == "centralized":
             return _train_centralized(cfg, run, sites, resume, on_round)
-        from tff_privseg.federated.remote import runtime_for
+        from tff_privseg.runtime import runtime_for
 
         with runtime_for(workers, tls_dir):
             return _train_federated(cfg, run, sites, resume, progress, on_round)

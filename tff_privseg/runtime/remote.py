@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 
 from tff_privseg.errors import UserError
-from tff_privseg.federated.pki import TlsFiles
+from tff_privseg.runtime.pki import TlsFiles
 
 # HTTP/2 keepalive: detect a worker host that vanished without closing the connection. The
 # worker's gRPC server answers pings more often than every 5 min with GOAWAY (too_many_pings)
@@ -166,7 +166,7 @@ def _tff_stub_class():
 
 
 def _open_channel(address: str, tls: RemoteTls | None) -> grpc.Channel:
-    from tff_privseg.federated.runtime import _GRPC_OPTIONS
+    from tff_privseg.runtime.local import _GRPC_OPTIONS
 
     options = [*_GRPC_OPTIONS, *_KEEPALIVE]
     if tls is None:
@@ -185,7 +185,7 @@ def probe(address: str, tls: RemoteTls | None, timeout: float = 5.0) -> str:
     with raw:
         if tls is None:
             return "ok"
-        from tff_privseg.federated.tls_proxy import client_context
+        from tff_privseg.runtime.tls_proxy import client_context
 
         try:
             ctx = client_context(tls.cert, tls.key, tls.ca)
@@ -231,7 +231,7 @@ def _sync_context(stub) -> object:
     """TFF's SyncExecutionContext on one worker (as runtime.py does for the local one)."""
     import tensorflow_federated as tff
 
-    from tff_privseg.federated.runtime import _compile
+    from tff_privseg.runtime.local import _compile
 
     def stack_fn(cardinalities):
         cardinalities.setdefault(tff.CLIENTS, 0)
@@ -342,7 +342,7 @@ def remote_runtime(
     mTLS with the coordinator's `cert`/`key`, workers verified against `ca`. `insecure=True`
     (plain gRPC) exists for tests against `worker --insecure` only.
     """
-    from tff_privseg.federated.runtime import _install_closed_context, _set_default_context
+    from tff_privseg.runtime.local import _install_closed_context, _set_default_context
 
     workers = parse_workers(workers)
     outer = _current_default_context()
@@ -401,7 +401,7 @@ def runtime_for(
     workers: None/empty (local), 'HOST:PORT,HOST:PORT' or a list. tls: a `RemoteTls` or a
     directory holding client.pem, client.key and ca.pem (`tff-privseg worker certs`).
     """
-    from tff_privseg.federated.runtime import local_runtime
+    from tff_privseg.runtime.local import local_runtime
 
     if not workers:
         if tls is not None:

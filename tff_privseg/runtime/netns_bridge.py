@@ -11,7 +11,7 @@ namespace on this host, can reach the port.
 Both this bridge and the worker die with their parent (PR_SET_PDEATHSIG), whatever kills it.
 
 Protocol with the parent: one line on stdout, ``READY <socket> <port> <isolated:0|1>``, or
-``FAILED <reason>``. Usage: ``python -m tff_privseg.federated.netns_bridge WORKER_BINARY DIR``.
+``FAILED <reason>``. Usage: ``python -m tff_privseg.runtime.netns_bridge WORKER_BINARY DIR``.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def worker_binary_path() -> Path:
 
 
 def _die_with_parent() -> None:
-    from tff_privseg.federated.netns_bridge import die_with_parent
+    from tff_privseg.runtime.netns_bridge import die_with_parent
 
     os.setsid()  # own process group: a terminal's Ctrl-C reaches only us; we stop the worker
     die_with_parent()
@@ -131,7 +131,7 @@ def start_local_worker(timeout: float = 60.0) -> LocalWorker:
         [
             sys.executable,
             "-m",
-            "tff_privseg.federated.netns_bridge",
+            "tff_privseg.runtime.netns_bridge",
             str(worker_binary_path()),
             tmpdir.name,
         ],

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable
 
 from tff_privseg.errors import UserError
-from tff_privseg.federated.pki import TlsFiles
-from tff_privseg.federated.tls_proxy import Forwarder, serve_until, server_context
+from tff_privseg.runtime.pki import TlsFiles
+from tff_privseg.runtime.tls_proxy import Forwarder, serve_until, server_context
 
 log = logging.getLogger("tff_privseg.worker")
 
@@ -71,7 +71,7 @@ def run_worker(
         if on_ready is not None:
             on_ready(h, p)
 
-    from tff_privseg.federated.runtime import start_local_worker
+    from tff_privseg.runtime.local import start_local_worker
 
     worker = start_local_worker()
     try:
