@@ -24,12 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tff_privseg.errors import UserError
-
-_GRPC_OPTIONS = [
-    ("grpc.max_message_length", 2_000_000_000),
-    ("grpc.max_receive_message_length", 2_000_000_000),
-    ("grpc.max_send_message_length", 2_000_000_000),
-]
+from tff_privseg.runtime.contexts import GRPC_OPTIONS, default_context_scope, worker_context
 
 
 @dataclass
@@ -169,75 +164,19 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().strip() or "FAILED the worker bridge exited"
 
 
-def _compile(comp: object) -> object:
-    """TFF's native compilation, after lowering secure-sum intrinsics to plain sums.
-
-    TFF's runtime has no cryptographic secure aggregation: the secure-sum factories give the
-    *semantics* (bounded, modular integer sums of clipped values) and run as ordinary sums here,
-    exactly as in TFF's own test context.
-    """
-    import tensorflow_federated as tff
-    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
-
-    comp = test_compiler.replace_secure_intrinsics_with_bodies(comp)
-    return tff.backends.native.desugar_and_transform_to_native(comp)
-
-
-def _context(stack_fn) -> object:
-    import tensorflow_federated as tff
-
-    return tff.framework.SyncExecutionContext(
-        executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
-        compiler_fn=_compile,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result,
-    )
-
-
-def _set_default_context(context: object) -> None:
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
-    context_stack_impl.context_stack.set_default_context(context)
-
-
-_ACTIVE: list[object] = []  # our live contexts, innermost last (runtimes may nest)
-
-
-def _install_context(socket_path: str, default_num_clients: int = 0) -> None:
-    """Make TFF execute on the worker behind `socket_path`."""
+def _connect(socket_path: str) -> object:
+    """TFF's gRPC stub on the worker behind `socket_path`, once the worker answers."""
     import grpc
     import tensorflow_federated as tff
 
-    channel = grpc.insecure_channel(f"unix:{socket_path}", _GRPC_OPTIONS)
+    channel = grpc.insecure_channel(f"unix:{socket_path}", GRPC_OPTIONS)
     stub = tff.framework.RemoteExecutorGrpcStub(channel)
     deadline = time.monotonic() + 60
     while not stub.is_ready:
         if time.monotonic() > deadline:
             raise UserError("the TFF worker did not become ready within 60 s")
         time.sleep(0.05)
-
-    def stack_fn(cardinalities):
-        cardinalities.setdefault(tff.CLIENTS, default_num_clients)
-        # Dispose each worker value as soon as Python drops it. TFF's default batches 20
-        # disposals, so ~3 rounds of states, datasets and results stay alive on the worker:
-        # ~40 MiB more in use there (malloc_stats, 3 sites, 64x64 U-Net) and, interleaved with
-        # the newer rounds' values, more fragmentation. One small RPC per value.
-        executor = tff.framework.RemoteExecutor(stub, dispose_batch_size=1)
-        executor.set_cardinalities(cardinalities)
-        return executor
-
-    context = _context(stack_fn)
-    _ACTIVE.append(context)
-    _set_default_context(context)
-
-
-def _install_closed_context() -> None:
-    """After the runtime stops, TFF calls fail loudly instead of starting an unowned worker."""
-
-    def stack_fn(cardinalities):
-        raise RuntimeError("no TFF runtime is running: execute inside local_runtime()")
-
-    _set_default_context(_context(stack_fn))
+    return stub
 
 
 @contextlib.contextmanager
@@ -250,15 +189,10 @@ def local_runtime() -> Iterator[LocalWorker]:
     """
     worker = start_local_worker()
     atexit.register(worker.stop)  # backstop if the caller never leaves the `with`
-    depth = len(_ACTIVE)
     try:
-        _install_context(worker.socket_path)
-        yield worker
+        with default_context_scope() as install:
+            install(worker_context(_connect(worker.socket_path)))
+            yield worker
     finally:
-        del _ACTIVE[depth:]
-        if _ACTIVE:  # an enclosing runtime is still running: give TFF back to it
-            _set_default_context(_ACTIVE[-1])
-        else:
-            _install_closed_context()
         worker.stop()
         atexit.unregister(worker.stop)

@@ -8,7 +8,7 @@ a `ResourceManagingExecutorFactory` and a `SyncExecutionContext`. With several w
 single aggregation / merge / work after it), splits the CLIENTS-placed values into one
 contiguous slice of clients per worker, runs `up_to_merge` on the workers in parallel, merges
 the partial aggregates on a worker, then runs `after_merge` (DP noise, server update) once.
-Secure-sum intrinsics are lowered to plain sums first, as in `runtime._compile`.
+Secure-sum intrinsics are lowered to plain sums first, as in `contexts.compile_native`.
 
 Failure policy: TFF's execution context retries "retryable" gRPC errors (UNAVAILABLE) forever,
 which turns a dead worker into a silent hang. Our stub raises `WorkerLost` (a `UserError` naming
@@ -33,6 +33,8 @@ from pathlib import Path
 import grpc
 
 from tff_privseg.errors import UserError
+from tff_privseg.runtime.contexts import GRPC_OPTIONS, default_context_scope, worker_context
+from tff_privseg.runtime.local import local_runtime
 from tff_privseg.runtime.pki import TlsFiles
 
 # HTTP/2 keepalive: detect a worker host that vanished without closing the connection. The
@@ -166,9 +168,7 @@ def _tff_stub_class():
 
 
 def _open_channel(address: str, tls: RemoteTls | None) -> grpc.Channel:
-    from tff_privseg.runtime.local import _GRPC_OPTIONS
-
-    options = [*_GRPC_OPTIONS, *_KEEPALIVE]
+    options = [*GRPC_OPTIONS, *_KEEPALIVE]
     if tls is None:
         return grpc.insecure_channel(address, options)
     return grpc.secure_channel(address, tls.credentials(), options)
@@ -227,27 +227,6 @@ def _wait_ready(channel: grpc.Channel, address: str, tls: RemoteTls | None, time
                 raise UserError(f"cannot reach worker {address}: {reason}") from None
 
 
-def _sync_context(stub) -> object:
-    """TFF's SyncExecutionContext on one worker (as runtime.py does for the local one)."""
-    import tensorflow_federated as tff
-
-    from tff_privseg.runtime.local import _compile
-
-    def stack_fn(cardinalities):
-        cardinalities.setdefault(tff.CLIENTS, 0)
-        # Prompt disposal, as in runtime.py: fewer stale values (and less fragmentation) there.
-        executor = tff.framework.RemoteExecutor(stub, dispose_batch_size=1)
-        executor.set_cardinalities(cardinalities)
-        return executor
-
-    return tff.framework.SyncExecutionContext(
-        executor_fn=tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn),
-        compiler_fn=_compile,
-        transform_args=tff.tensorflow.transform_args,
-        transform_result=tff.tensorflow.transform_result,
-    )
-
-
 def _threaded_async_context(sync_context: object) -> object:
     """An AsyncContext that runs `sync_context.invoke` on its own thread.
 
@@ -256,9 +235,9 @@ def _threaded_async_context(sync_context: object) -> object:
     measured here, the second worker's CreateCall started only when the first one's returned.
     One thread per worker (gRPC releases the GIL) lets the subrounds really run in parallel.
     """
-    from tensorflow_federated.python.core.impl.context_stack import context_base
+    import tensorflow_federated as tff
 
-    class ThreadedContext(context_base.AsyncContext):
+    class ThreadedContext(tff.framework.AsyncContext):
         def __init__(self, inner: object) -> None:
             self.inner = inner
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tff-worker")
@@ -276,17 +255,15 @@ def _threaded_async_context(sync_context: object) -> object:
 
 
 def _compile_mergeable(comp: object) -> object:
-    """Secure-sum lowering (as `runtime._compile`), then TFF's mergeable-form compiler."""
-    from tensorflow_federated.python.core.backends.native import mergeable_comp_compiler
-    from tensorflow_federated.python.core.backends.test import compiler as test_compiler
-    from tensorflow_federated.python.core.impl.computation import computation_impl
+    """Secure-sum lowering (as `contexts.compile_native`), then TFF's mergeable-form compiler."""
+    import tensorflow_federated as tff
 
-    lowered = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+    lowered = tff.backends.test.replace_secure_intrinsics_with_bodies(comp)
     # The lowering rebuilds the computation from its proto, which drops Python containers
     # (LearningProcessOutput, ModelWeights...): put the original type signature back.
-    lowered = computation_impl.ConcreteComputation.with_type(lowered, comp.type_signature)
+    lowered = tff.framework.ConcreteComputation.with_type(lowered, comp.type_signature)
     try:
-        return mergeable_comp_compiler.compile_to_mergeable_comp_form(lowered)
+        return tff.backends.native.compile_to_mergeable_comp_form(lowered)
     except ValueError as e:
         raise UserError(
             "this computation cannot be split across workers (it has dependent aggregations): "
@@ -294,38 +271,17 @@ def _compile_mergeable(comp: object) -> object:
         ) from e
 
 
-def _context_for(stubs: list) -> object:
-    if len(stubs) == 1:
-        return _sync_context(stubs[0])
+def _mergeable_context(async_contexts: list) -> object:
+    """What tff.backends.native.create_mergeable_comp_execution_context builds, plus our
+    secure-sum lowering, TFF's numpy result conversion and one thread per worker."""
     import tensorflow_federated as tff
-    from tensorflow_federated.python.core.impl.execution_contexts import (
-        mergeable_comp_execution_context as mergeable,
-    )
 
-    # What tff.backends.native.create_mergeable_comp_execution_context builds, plus our
-    # secure-sum lowering, TFF's numpy result conversion and one thread per worker.
-    return mergeable.MergeableCompExecutionContext(
-        async_contexts=[_threaded_async_context(_sync_context(s)) for s in stubs],
+    return tff.framework.MergeableCompExecutionContext(
+        async_contexts=async_contexts,
         compiler_fn=_compile_mergeable,
         transform_args=tff.tensorflow.transform_args,
         transform_result=tff.tensorflow.transform_result,
     )
-
-
-def _current_default_context() -> object:
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
-    return context_stack_impl.context_stack._stack[0]
-
-
-def _ours(context: object) -> bool:
-    """Was `context` installed by one of tff_privseg's runtimes (not TFF's stock one)?"""
-    context = getattr(context, "inner", context)  # ThreadedContext
-    factory = getattr(context, "executor_factory", None)
-    stack_fn = getattr(factory, "_executor_stack_fn", None)
-    if stack_fn is None and hasattr(context, "_async_execution_contexts"):  # mergeable
-        return all(_ours(c) for c in context._async_execution_contexts)
-    return getattr(stack_fn, "__module__", "").startswith("tff_privseg.")
 
 
 @contextlib.contextmanager
@@ -342,10 +298,7 @@ def remote_runtime(
     mTLS with the coordinator's `cert`/`key`, workers verified against `ca`. `insecure=True`
     (plain gRPC) exists for tests against `worker --insecure` only.
     """
-    from tff_privseg.runtime.local import _install_closed_context, _set_default_context
-
     workers = parse_workers(workers)
-    outer = _current_default_context()
     tls = None
     if not insecure:
         if not (cert and key and ca):
@@ -356,23 +309,23 @@ def remote_runtime(
         tls = RemoteTls(Path(cert), Path(key), Path(ca))
     stub_class = _tff_stub_class()
     channels: list[grpc.Channel] = []
-    context = None
+    threaded: list = []
     try:
-        stubs = []
-        for address in workers:
-            channel = _open_channel(address, tls)
-            channels.append(channel)
-            _wait_ready(channel, address, tls, connect_timeout)
-            stubs.append(stub_class(channel, address))
-        context = _context_for(stubs)
-        _set_default_context(context)
-        yield workers
+        with default_context_scope() as install:
+            stubs = []
+            for address in workers:
+                channel = _open_channel(address, tls)
+                channels.append(channel)
+                _wait_ready(channel, address, tls, connect_timeout)
+                stubs.append(stub_class(channel, address))
+            if len(stubs) == 1:
+                install(worker_context(stubs[0]))
+            else:
+                threaded = [_threaded_async_context(worker_context(s)) for s in stubs]
+                install(_mergeable_context(threaded))
+            yield workers
     finally:
-        if _ours(outer):  # nested in another runtime of ours (tests): give it back
-            _set_default_context(outer)
-        else:  # never fall back to TFF's stock context: it starts an unowned worker
-            _install_closed_context()
-        for ctx in getattr(context, "_async_execution_contexts", ()):
+        for ctx in threaded:
             ctx.close()
         for channel in channels:
             channel.close()
@@ -401,8 +354,6 @@ def runtime_for(
     workers: None/empty (local), 'HOST:PORT,HOST:PORT' or a list. tls: a `RemoteTls` or a
     directory holding client.pem, client.key and ca.pem (`tff-privseg worker certs`).
     """
-    from tff_privseg.runtime.local import local_runtime
-
     if not workers:
         if tls is not None:
             raise UserError("--tls-dir is for remote workers: give --workers HOST:PORT,...")
