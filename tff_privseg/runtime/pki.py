@@ -23,8 +23,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tff_privseg.errors import UserError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -98,6 +102,23 @@ def _read(path: str | os.PathLike) -> bytes:
         raise UserError(f"cannot read the file ({e.strerror or e})", path) from None
 
 
+def _key_usage(ca: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs only; a leaf signs (ECDSA) and agrees keys (ECDH)."""
+    from cryptography import x509
+
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not ca,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def make_pki(
     out: str | os.PathLike,
     hosts: Iterable[str] = (),
@@ -146,20 +167,7 @@ def make_pki(
     ca_cert = (
         builder(name(ca_name), name(ca_name), ca_key, ca_key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -168,20 +176,7 @@ def make_pki(
         b = (
             builder(name(cn), ca_cert.subject, key, ca_key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         )
         if sans:
