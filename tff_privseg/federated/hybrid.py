@@ -36,18 +36,12 @@ def _server_step(
     cfg: Config, sites_per_round: int, process: tff.learning.templates.LearningProcess
 ) -> tff.Computation:
     """TFF computation: (state, client results) -> LearningProcessOutput, as `process.next`."""
-    from tff_privseg.federated.process import build_aggregator, tff_optimizer
+    from tff_privseg.federated.process import build_server_processes
 
     state_type = process.next.type_signature.parameter[0]
     weights_type = state_type.member.global_model_weights
     trainable_type = weights_type.trainable
-    aggregator = build_aggregator(cfg, sites_per_round)
-    if isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory):
-        aggregator = tff.aggregators.as_weighted_aggregator(aggregator)
-    aggregation = aggregator.create(trainable_type, tff.TensorType(np.float32))
-    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-        tff_optimizer(cfg.train.server_optimizer, cfg.train.server_lr), weights_type
-    )
+    aggregation, finalizer = build_server_processes(cfg, sites_per_round, weights_type)
 
     @tff.federated_computation(
         state_type,

@@ -92,6 +92,21 @@ def _secure_sum() -> tff.aggregators.SecureSumFactory:
     )
 
 
+def build_server_processes(
+    cfg: Config, sites_per_round: int, weights_type: tff.StructWithPythonType
+) -> tuple[tff.templates.AggregationProcess, tff.learning.templates.FinalizerProcess]:
+    """The aggregation of the sites' trainable deltas (float32 update weights) and the finalizer
+    that applies the server optimizer to the global `ModelWeights` (`weights_type`)."""
+    aggregator = build_aggregator(cfg, sites_per_round)
+    if isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory):
+        aggregator = tff.aggregators.as_weighted_aggregator(aggregator)
+    aggregation = aggregator.create(weights_type.trainable, tff.TensorType(np.float32))
+    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+        tff_optimizer(cfg.train.server_optimizer, cfg.train.server_lr), weights_type
+    )
+    return aggregation, finalizer
+
+
 def build_process(
     cfg: Config,
     model_fn: Callable[[], tf.keras.Model],
@@ -162,13 +177,7 @@ def build_process(
         return tff.templates.MeasuredProcessOutput(state, results, tff.federated_zip(train))
 
     client_work = tff.learning.templates.ClientWorkProcess(client_init, client_next)
-    aggregator = build_aggregator(cfg, sites_per_round)
-    if isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory):
-        aggregator = tff.aggregators.as_weighted_aggregator(aggregator)
-    aggregation = aggregator.create(trainable_type, tff.TensorType(np.float32))
-    finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-        tff_optimizer(cfg.train.server_optimizer, cfg.train.server_lr), weights_type
-    )
+    aggregation, finalizer = build_server_processes(cfg, sites_per_round, weights_type)
     return tff.learning.templates.compose_learning_process(
         initial_weights,
         tff.learning.templates.build_broadcast_process(weights_type),
