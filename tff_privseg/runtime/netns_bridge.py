@@ -83,7 +83,7 @@ def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
     without levelling off (`benchmarks/memory.py`, 3 sites, 64x64 U-Net, 40 rounds:
     +93 to +136 MiB from round 5 to 30), while glibc's own count of bytes in use stayed flat
     (malloc_stats: 430-480 MiB from round 3 to 40): fragmentation, not a leak. With
-    MALLOC_ARENA_MAX=1: +66 MiB; with it and runtime.py's prompt disposal, +38 to +62 MiB,
+    MALLOC_ARENA_MAX=1: +66 MiB; with it and contexts.py's prompt disposal, +38 to +62 MiB,
     level from round ~30 on; same median round time on 2 cores (README, Performance: stalled
     rounds seen with 1, 2 and 8 arenas alike). Only the worker gets it (not this
     bridge, not the coordinator); an arena limit the user set (MALLOC_ARENA_MAX, or arena_max

@@ -1,6 +1,6 @@
 """`tff-privseg worker`: a TFF executor service reachable only through mutual TLS.
 
-The shipped `worker_binary` runs exactly as in local runs (`runtime.start_local_worker`: private
+The shipped `worker_binary` runs exactly as in local runs (`local.start_local_worker`: private
 network namespace, Unix socket 0600, dies with us); a `tls_proxy.Forwarder` in this process is
 its only network-facing door. SIGINT/SIGTERM stop the proxy, then the worker, and return; if
 this process is killed outright, the kernel kills the bridge and the worker (PR_SET_PDEATHSIG).
