@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
+from cli.common import config_option, emit, handle_errors, json_option, out_option, seed_option
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -27,6 +27,14 @@ def _mm_range(lo: list[float], hi: list[float]) -> str:
     return _mm(lo) if _mm(lo) == _mm(hi) else f"{_mm(lo)} .. {_mm(hi)}"
 
 
+_new_dataset_option = out_option(
+    "Dataset folder to create; must be missing or empty.",
+    required=True,
+    file_okay=False,
+    path_type=Path,
+)
+
+
 @click.group()
 def data() -> None:
     """Build, fetch and check multi-site CT datasets.
@@ -38,12 +46,7 @@ def data() -> None:
 
 
 @data.command(short_help="Write a synthetic multi-site abdominal CT dataset.")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset folder to create; must be missing or empty.",
-)
+@_new_dataset_option
 @click.option(
     "--sites",
     type=click.IntRange(1, 500),
@@ -58,12 +61,8 @@ def data() -> None:
     show_default=True,
     help="Synthetic patients (CT volumes) per site.",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Random seed; the same seed writes the same dataset.",
+@seed_option(
+    default=0, show_default=True, help="Random seed; the same seed writes the same dataset."
 )
 @click.option(
     "--shape",
@@ -142,12 +141,7 @@ def synth(
 
 
 @data.command(short_help="Build a small real multi-site CT dataset (TotalSegmentator).")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset folder to create; must be missing or empty.",
-)
+@_new_dataset_option
 @click.option(
     "--target",
     default="liver",
@@ -201,13 +195,11 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
 
 @data.command(short_help="Validate a dataset folder and report each site.")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="TOML config; its [data] section sets layout, labels, preprocessing and split "
+@config_option(
+    "TOML config; its [data] section sets layout, labels, preprocessing and split "
     "(defaults otherwise).",
+    path_type=Path,
+    default=None,
 )
 @json_option
 @handle_errors

@@ -6,18 +6,13 @@ from typing import Any
 
 import click
 
-from cli.common import FiniteFloat, emit, handle_errors, json_option
+from cli.common import FiniteFloat, config_option, data_option, emit, handle_errors, json_option
 
 
 @click.command()
-@click.option(
-    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config."
-)
-@click.option(
-    "--data",
-    "data_root",
-    type=click.Path(file_okay=False),
-    help="Dataset root; overrides data.root (site sizes set the sampling rates).",
+@config_option("TOML config.", required=True)
+@data_option(
+    "Dataset root; overrides data.root (site sizes set the sampling rates).", file_okay=False
 )
 @click.option(
     "--target-epsilon",
