@@ -6,21 +6,8 @@ from typing import Any
 
 import click
 
-from cli.common import (
-    FiniteFloat,
-    batch_size_option,
-    choice_option,
-    config_option,
-    data_option,
-    emit,
-    handle_errors,
-    json_option,
-    out_option,
-    quiet_option,
-    round_option,
-    run_option,
-    seed_option,
-)
+from cli import common
+from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 def _load(run_dir: str | None, config_path: str | None, data_root: str | None, round_num):
@@ -38,35 +25,35 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
 
 
 @click.command()
-@run_option(file_okay=False)
-@config_option("Without --run: attack this config's untrained model.")
-@data_option(file_okay=False)
+@common.run_option(file_okay=False)
+@common.config_option("Without --run: attack this config's untrained model.")
+@common.data_option(file_okay=False)
 @click.option("--site", help="Site name (or index) [default: the first].")
 @click.option(
     "--index", type=int, help="Training-slice index [default: middle of the first volume]."
 )
-@batch_size_option(type=int, default=1, help="Slices per update.")
-@round_option("Checkpoint round to attack (0 = initial model) [default: final model].")
-@choice_option(
+@common.batch_size_option(type=int, default=1, help="Slices per update.")
+@common.round_option("Checkpoint round to attack (0 = initial model) [default: final model].")
+@common.choice_option(
     "--privacy",
     choices=["none", "sample", "both"],
     default="both",
     help="Attack the plain update, the DP-SGD update (the run's clip and noise), or both.",
 )
-@choice_option(
+@common.choice_option(
     "--update",
     choices=["gradient", "delta"],
     default="gradient",
     help="One step's gradient, or the model delta after --local-steps local steps.",
 )
 @click.option("--local-steps", type=int, help="Local steps of a delta [default: config's].")
-@choice_option(
+@common.choice_option(
     "--labels",
     choices=["known", "reconstruct"],
     default="known",
     help="Assume the masks are known, or reconstruct them jointly.",
 )
-@choice_option(
+@common.choice_option(
     "--distance",
     choices=["cosine", "l2"],
     default="cosine",
@@ -91,11 +78,11 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
     help="Adam step size.",
 )
 @click.option("--no-smooth", is_flag=True, help="Differentiate the real ReLU model only.")
-@seed_option(default=0, show_default=True)
-@out_option(
+@common.seed_option(default=0, show_default=True)
+@common.out_option(
     "Output folder for attack.json/png/npz [default: RUN/attack, or ./attack].", file_okay=False
 )
-@quiet_option()
+@common.quiet_option()
 @json_option
 @handle_errors
 def attack(
@@ -186,9 +173,9 @@ def _print_attack(r: dict[str, Any]) -> None:
 
 
 @click.command()
-@run_option(required=True, file_okay=False)
-@data_option(file_okay=False)
-@round_option("Checkpoint round [default: final model].")
+@common.run_option(required=True, file_okay=False)
+@common.data_option(file_okay=False)
+@common.round_option("Checkpoint round [default: final model].")
 @json_option
 @handle_errors
 def audit(run_dir: str, data_root: str | None, round_num: int | None, as_json: bool) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from cli.common import data_option, emit, force_option, handle_errors, json_option, out_option
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 @click.group()
@@ -23,19 +24,19 @@ def config() -> None:
 
 @config.command("from-ini", short_help="Convert the PyTorch baseline's INI file into TOML.")
 @click.argument("ini", type=click.Path(dir_okay=False, path_type=Path))
-@out_option(
+@common.out_option(
     "TOML file to write (atomically). Without it the TOML goes to stdout, the report to " "stderr.",
     dir_okay=False,
     path_type=Path,
 )
-@force_option("Overwrite --out if it exists.")
+@common.force_option("Overwrite --out if it exists.")
 @click.option(
     "--slices-per-site",
     type=click.IntRange(1),
     help="Training slices of the largest site: turns the baseline's epochs into rounds "
     "(rounds = epochs x ceil(ceil(slices / batch_size) / sync_every_n_batch)).",
 )
-@data_option(
+@common.data_option(
     "Dataset root (one folder per site): becomes data.root, and its training slices per "
     "site are counted for the epochs -> rounds conversion (loads the data).",
     file_okay=False,

@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from cli.common import config_option, emit, handle_errors, json_option, out_option, seed_option
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -27,7 +28,7 @@ def _mm_range(lo: list[float], hi: list[float]) -> str:
     return _mm(lo) if _mm(lo) == _mm(hi) else f"{_mm(lo)} .. {_mm(hi)}"
 
 
-_new_dataset_option = out_option(
+_new_dataset_option = common.out_option(
     "Dataset folder to create; must be missing or empty.",
     required=True,
     file_okay=False,
@@ -61,7 +62,7 @@ def data() -> None:
     show_default=True,
     help="Synthetic patients (CT volumes) per site.",
 )
-@seed_option(
+@common.seed_option(
     default=0, show_default=True, help="Random seed; the same seed writes the same dataset."
 )
 @click.option(
@@ -195,7 +196,7 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
 
 @data.command(short_help="Validate a dataset folder and report each site.")
 @click.argument("root", type=click.Path(path_type=Path))
-@config_option(
+@common.config_option(
     "TOML config; its [data] section sets layout, labels, preprocessing and split "
     "(defaults otherwise).",
     path_type=Path,

@@ -7,17 +7,8 @@ from typing import Any
 
 import click
 
-from cli.common import (
-    batch_size_option,
-    choice_option,
-    data_option,
-    emit,
-    handle_errors,
-    json_option,
-    out_option,
-    quiet_option,
-    run_option,
-)
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -31,19 +22,21 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 
 
 @click.command()
-@run_option(
+@common.run_option(
     "Run directory written by `train --out` (config.toml, model.keras).",
     required=True,
     path_type=Path,
 )
-@data_option("Dataset root (one folder per site) [default: the run's data.root].", path_type=Path)
-@choice_option(
+@common.data_option(
+    "Dataset root (one folder per site) [default: the run's data.root].", path_type=Path
+)
+@common.choice_option(
     "--split",
     choices=["test", "val", "train"],
     default="test",
     help="Patient-level split to evaluate (the same split as in training).",
 )
-@out_option(
+@common.out_option(
     "Output folder [default: RUN/eval_SPLIT]; an earlier evaluation there is replaced.",
     path_type=Path,
 )
@@ -54,8 +47,8 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
     show_default=True,
     help="Slices per site drawn in overlays/SITE.png (0: none).",
 )
-@batch_size_option()
-@quiet_option("No progress bar while preprocessing.")
+@common.batch_size_option()
+@common.quiet_option("No progress bar while preprocessing.")
 @json_option
 @handle_errors
 def evaluate(
@@ -124,12 +117,12 @@ def _evaluation_row(name: str, m: dict[str, Any]) -> list[str]:
     help="Run directory (config.toml + model.keras) or a SavedModel from `export`.",
 )
 @click.argument("inputs", type=click.Path(path_type=Path))
-@out_option(
+@common.out_option(
     "Mask file (.nii.gz) for one scan; a folder when INPUTS is a folder.",
     required=True,
     path_type=Path,
 )
-@batch_size_option()
+@common.batch_size_option()
 @json_option
 @handle_errors
 def predict(model_path: Path, inputs: Path, out: Path, batch_size: int, as_json: bool) -> None:

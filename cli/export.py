@@ -7,21 +7,22 @@ from typing import Any
 
 import click
 
-from cli.common import emit, force_option, handle_errors, json_option, out_option, run_option
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 @click.command()
-@run_option(
+@common.run_option(
     "Run directory written by `train --out` (config.toml, model.keras, privacy.json).",
     required=True,
     path_type=Path,
 )
-@out_option(
+@common.out_option(
     "SavedModel folder to create, e.g. saved_models/NAME (must be missing or empty).",
     required=True,
     path_type=Path,
 )
-@force_option("Replace an earlier export in --out.")
+@common.force_option("Replace an earlier export in --out.")
 @json_option
 @handle_errors
 def export(run_dir: Path, out: Path, force: bool, as_json: bool) -> None:

@@ -6,12 +6,13 @@ from typing import Any
 
 import click
 
-from cli.common import FiniteFloat, config_option, data_option, emit, handle_errors, json_option
+from cli import common
+from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 @click.command()
-@config_option("TOML config.", required=True)
-@data_option(
+@common.config_option("TOML config.", required=True)
+@common.data_option(
     "Dataset root; overrides data.root (site sizes set the sampling rates).", file_okay=False
 )
 @click.option(

@@ -6,25 +6,16 @@ from typing import Any
 
 import click
 
-from cli.common import (
-    config_option,
-    data_option,
-    emit,
-    handle_errors,
-    json_option,
-    out_option,
-    quiet_option,
-    seed_option,
-    tls_dir_option,
-)
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 @click.command()
-@config_option("TOML config (see configs/).", required=True)
-@data_option("Dataset root (one folder per site); overrides data.root.", file_okay=False)
-@out_option("Run directory [default: runs/<config name>-<config hash>].", file_okay=False)
+@common.config_option("TOML config (see configs/).", required=True)
+@common.data_option("Dataset root (one folder per site); overrides data.root.", file_okay=False)
+@common.out_option("Run directory [default: runs/<config name>-<config hash>].", file_okay=False)
 @click.option("--rounds", type=int, help="Override train.rounds.")
-@seed_option(help="Override train.seed.")
+@common.seed_option(help="Override train.seed.")
 @click.option(
     "--privacy",
     "privacy_level",
@@ -37,13 +28,13 @@ from cli.common import (
     help="Continue the run in --out from its newest loadable checkpoint, with its secret key "
     "(same config and data; --rounds may change where no round already run changes).",
 )
-@quiet_option()
+@common.quiet_option()
 @click.option(
     "--workers",
     metavar="HOST:PORT,...",
     help="Run the federated computation on remote `tff-privseg worker`s (mutual TLS).",
 )
-@tls_dir_option("Coordinator credentials for --workers: client.pem, client.key, ca.pem.")
+@common.tls_dir_option("Coordinator credentials for --workers: client.pem, client.key, ca.pem.")
 @json_option
 @handle_errors
 def train(

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from cli.common import emit, force_option, handle_errors, json_option, out_option, tls_dir_option
+from cli import common
+from cli.common import emit, handle_errors, json_option
 
 
 @click.group(invoke_without_command=True)
@@ -23,7 +24,7 @@ from cli.common import emit, force_option, handle_errors, json_option, out_optio
 @click.option(
     "--ca", type=click.Path(dir_okay=False), help="CA (PEM) whose client certificates we accept."
 )
-@tls_dir_option(
+@common.tls_dir_option(
     "Directory from `worker certs`: server.pem, server.key, ca.pem (instead of the three)."
 )
 @click.option(
@@ -81,7 +82,7 @@ def worker(
 
 
 @worker.command()
-@out_option("Output directory.", required=True, file_okay=False)
+@common.out_option("Output directory.", required=True, file_okay=False)
 @click.option(
     "--host",
     "hosts",
@@ -89,7 +90,7 @@ def worker(
     help="Name or IP the coordinator uses to reach a worker (repeatable); localhost is added.",
 )
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
-@force_option("Overwrite existing files.")
+@common.force_option("Overwrite existing files.")
 @json_option
 @handle_errors
 def certs(out: str, hosts: tuple[str, ...], days: int, force: bool, as_json: bool) -> None:
