@@ -132,6 +132,13 @@ def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]]
         human(result)
 
 
+def table(rows: list[list[Any]], header: list[str]) -> None:
+    """Print `rows` under `header` in left-aligned columns two spaces apart."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -11,13 +11,7 @@ from typing import Any
 import click
 
 from cli import common
-from cli.common import emit, handle_errors, json_option
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+from cli.common import emit, handle_errors, json_option, table
 
 
 def _mm(values: list[float]) -> str:
@@ -121,7 +115,7 @@ def synth(
     }
 
     def human(r: dict[str, Any]) -> None:
-        _table(
+        table(
             [
                 [
                     s["name"],
@@ -171,7 +165,7 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
     result = build_example_dataset(out, target=target, cache_dir=cache_dir)
 
     def human(r: dict[str, Any]) -> None:
-        _table(
+        table(
             [
                 [
                     s["name"],
@@ -236,7 +230,7 @@ def check(root: Path, config_path: Path | None, as_json: bool) -> None:
                     labels(s["labels"]),
                 ]
             )
-        _table(
+        table(
             rows,
             [
                 "site",

@@ -8,17 +8,11 @@ from typing import Any
 import click
 
 from cli import common
-from cli.common import emit, handle_errors, json_option
+from cli.common import emit, handle_errors, json_option, table
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 @click.command()
@@ -87,7 +81,7 @@ def _print_evaluation(r: dict[str, Any]) -> None:
     rows = [_evaluation_row(s["site"], s) for s in r["sites"]]
     rows.append(_evaluation_row("overall", r["overall"]))
     click.echo(f"run {r['run']}, split '{r['split']}' ({r['data']})")
-    _table(
+    table(
         rows,
         ["site", "volumes", "Dice (3D)", "IoU (3D)", "HD95 mm (median)", "pooled slice Dice*"],
     )
