@@ -2,7 +2,8 @@
 
 Writes benchmarks/results/attack.json (every case: SSIM/PSNR/MSE per slice, timings, settings)
 and benchmarks/results/attack.png (original | reconstruction without DP | with DP-SGD); every
-case's own JSON/PNG/NPZ go to --out (runs/attack_bench). Data: the default synthetic set
+case's own JSON/PNG/NPZ go to --out (runs/attack_bench); paths are relative to the current
+directory (the repository root). Data: the default synthetic set
 (`tff-privseg data synth --out DATA`), preprocessed with configs/default.toml (64x64, U-Net
 depth 3 / 16 filters, 318k parameters).
 
@@ -26,11 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.common import RESULTS, log, machine  # noqa: E402
+from benchmarks.common import RESULTS, log, machine
 
 CASES = ("gradient", "round", "batch", "delta", "labels", "l2", "audit")
 
@@ -66,7 +63,7 @@ def run_case(target, sites, name: str, out: Path, reuse: bool = False, **kw) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="synthetic dataset root (data synth)")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
+    ap.add_argument("--config", default="configs/default.toml")
     ap.add_argument("--run", help="run directory for the early-round case")
     ap.add_argument("--round", type=int, default=1)
     ap.add_argument("--only", default=",".join(CASES[:-1]))
@@ -84,7 +81,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true", help="read back finished cases from --out")
     ap.add_argument("--dp-everywhere", action="store_true", help="DP reconstructions in every case")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "attack_bench"), help="per-case files")
+    ap.add_argument("--out", default="runs/attack_bench", help="per-case files")
     ap.add_argument("--results", default=str(RESULTS / "attack.json"))
     args = ap.parse_args()
     only = [c for c in args.only.split(",") if c]

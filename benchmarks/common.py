@@ -14,7 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where results go unless the caller names a folder: relative to the current directory (the
+# repository root in every documented command), never inside the installed package.
+RESULTS = Path("benchmarks", "results")
 
 
 def _version(dist: str) -> str | None:
@@ -110,7 +112,7 @@ def paired_ratio(timings: dict[str, dict[str, Any]], num: str, den: str) -> floa
 
 
 def save(name: str, result: dict[str, Any], out_dir: Path | None = None, command: str = "") -> Path:
-    """Write results/NAME.json with the machine description and the command."""
+    """Write OUT_DIR/NAME.json (default RESULTS) with the machine description and the command."""
     out_dir = Path(out_dir) if out_dir else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {

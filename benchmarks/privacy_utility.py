@@ -4,11 +4,12 @@ Runs, with everything else as in configs/default.toml: centralized (pooled, plai
 bound), FedAvg without DP, and sample-level DP-SGD calibrated to each target ε (δ = 1e-5), for the
 slice unit and (with --patient) the patient unit.
 
-    .venv/bin/python benchmarks/privacy_utility.py [--rounds N] [--eps 1 3 8] [--patient]
+    .venv/bin/python -m benchmarks.privacy_utility [--rounds N] [--eps 1 3 8] [--patient]
     tff-privseg bench --only privacy_utility [--quick]
 
 Both write benchmarks/results/privacy_utility.json (same content: `measure()`'s dict plus the
-machine, command and time, through `benchmarks.common.save`) and privacy_utility.md (the table).
+machine, command and time, through `benchmarks.common.save`) and privacy_utility.md (the table);
+the folder is --results here, --out for `bench`. Paths are relative to the current directory.
 `run(quick=True)` (`--quick`): configs/smoke.toml, 2 rounds, ε = 8 only, runs in a temporary
 directory; `run()`: what main() does by default.
 """
@@ -25,13 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULTS, log, save
 from tff_privseg import config as config_lib
 from tff_privseg.federated.train import load_training_data, train
 from tff_privseg.privacy.planning import privacy_plan
 from tff_privseg.schedule import records
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+# Relative to the current directory (the repository root), as in the commands above.
+CONFIGS = Path("configs")
 
 
 def variants(cfg: config_lib.Config, eps: list[float], patient: bool) -> list[tuple[str, dict]]:
@@ -57,7 +59,7 @@ def measure(
     rounds: int | None = None,
     eps: list[float] | tuple[float, ...] = (1.0, 3.0, 8.0),
     patient: bool = False,
-    out: str | Path = ROOT / "runs" / "privacy_utility",
+    out: str | Path = Path("runs", "privacy_utility"),
     echo: Callable[[str], Any] = print,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -136,34 +138,29 @@ def run(quick: bool = False) -> dict[str, Any]:
     to a temporary directory.
     Otherwise main()'s defaults (configs/default.toml, its rounds, ε 1/3/8, runs/privacy_utility).
     """
-    from benchmarks.common import log
-
     if not quick:
-        return measure(ROOT / "configs" / "default.toml", echo=log)
+        return measure(CONFIGS / "default.toml", echo=log)
     with tempfile.TemporaryDirectory(prefix="privacy-utility-") as tmp:
         data = {"data.root": str(Path(tmp) / "data")}
-        result = measure(ROOT / "configs" / "smoke.toml", 2, [8.0], False, tmp, log, data)
+        result = measure(CONFIGS / "smoke.toml", 2, [8.0], False, tmp, log, data)
     return result | {"quick": True}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "default.toml"))
+    ap.add_argument("--config", default=str(CONFIGS / "default.toml"))
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     ap.add_argument("--patient", action="store_true", help="also patient-level DP")
-    ap.add_argument("--out", default=str(ROOT / "runs" / "privacy_utility"))
+    ap.add_argument("--out", default=str(Path("runs", "privacy_utility")))
+    ap.add_argument("--results", default=str(RESULTS), help="folder for the JSON and the table")
     args = ap.parse_args()
 
     result = measure(args.config, args.rounds, args.eps, args.patient, args.out)
-    if str(ROOT) not in sys.path:  # run as a script: benchmarks/ is not a package on the path
-        sys.path.insert(0, str(ROOT))
-    from benchmarks.common import save
-
     markdown = result.pop("markdown")
-    command = " ".join(["python", "benchmarks/privacy_utility.py", *sys.argv[1:]])
-    save("privacy_utility", result, RESULTS, command=command)
-    (RESULTS / "privacy_utility.md").write_text(markdown)
+    command = " ".join(["python", "-m", "benchmarks.privacy_utility", *sys.argv[1:]])
+    path = save("privacy_utility", result, Path(args.results), command=command)
+    path.with_suffix(".md").write_text(markdown)
     print(markdown, end="")
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
@@ -24,52 +25,38 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
 
 
 @click.command()
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run directory.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Without --run: attack this config's untrained model.",
-)
-@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Dataset root.")
+@common.run_option(file_okay=False)
+@common.config_option("Without --run: attack this config's untrained model.")
+@common.data_option(file_okay=False)
 @click.option("--site", help="Site name (or index) [default: the first].")
 @click.option(
     "--index", type=int, help="Training-slice index [default: middle of the first volume]."
 )
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Slices per update.")
-@click.option(
-    "--round",
-    "round_num",
-    type=int,
-    help="Checkpoint round to attack (0 = initial model) [default: final model].",
-)
-@click.option(
+@common.batch_size_option(type=int, default=1, help="Slices per update.")
+@common.round_option("Checkpoint round to attack (0 = initial model) [default: final model].")
+@common.choice_option(
     "--privacy",
-    type=click.Choice(["none", "sample", "both"]),
+    choices=["none", "sample", "both"],
     default="both",
-    show_default=True,
     help="Attack the plain update, the DP-SGD update (the run's clip and noise), or both.",
 )
-@click.option(
+@common.choice_option(
     "--update",
-    type=click.Choice(["gradient", "delta"]),
+    choices=["gradient", "delta"],
     default="gradient",
-    show_default=True,
     help="One step's gradient, or the model delta after --local-steps local steps.",
 )
 @click.option("--local-steps", type=int, help="Local steps of a delta [default: config's].")
-@click.option(
+@common.choice_option(
     "--labels",
-    type=click.Choice(["known", "reconstruct"]),
+    choices=["known", "reconstruct"],
     default="known",
-    show_default=True,
     help="Assume the masks are known, or reconstruct them jointly.",
 )
-@click.option(
+@common.choice_option(
     "--distance",
-    type=click.Choice(["cosine", "l2"]),
+    choices=["cosine", "l2"],
     default="cosine",
-    show_default=True,
     help="Gradient distance: 1 - cosine (Geiping) or squared L2 (DLG).",
 )
 @click.option(
@@ -91,14 +78,11 @@ def _load(run_dir: str | None, config_path: str | None, data_root: str | None, r
     help="Adam step size.",
 )
 @click.option("--no-smooth", is_flag=True, help="Differentiate the real ReLU model only.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False),
-    help="Output folder for attack.json/png/npz [default: RUN/attack, or ./attack].",
+@common.seed_option(default=0, show_default=True)
+@common.out_option(
+    "Output folder for attack.json/png/npz [default: RUN/attack, or ./attack].", file_okay=False
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@common.quiet_option()
 @json_option
 @handle_errors
 def attack(
@@ -189,11 +173,9 @@ def _print_attack(r: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.option(
-    "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory."
-)
-@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Dataset root.")
-@click.option("--round", "round_num", type=int, help="Checkpoint round [default: final model].")
+@common.run_option(required=True, file_okay=False)
+@common.data_option(file_okay=False)
+@common.round_option("Checkpoint round [default: final model].")
 @json_option
 @handle_errors
 def audit(run_dir: str, data_root: str | None, round_num: int | None, as_json: bool) -> None:

@@ -2,63 +2,34 @@
 
 from __future__ import annotations
 
-import ast
-import importlib
 import shlex
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import click
 
+import benchmarks
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
-# The benchmarks live next to the package in the source tree (benchmarks/), not inside it.
-_ROOT = Path(__file__).resolve().parents[1]
-
 DEFAULT = ("dp_overhead", "tff_overhead", "torch_reference")
-_NOT_BENCHMARKS = {"__init__", "common"}
-
-
-def _modules() -> list[Path]:
-    return sorted(
-        p
-        for p in (_ROOT / "benchmarks").glob("*.py")
-        if p.stem not in _NOT_BENCHMARKS and not p.stem.startswith("_")
-    )
-
-
-def _has_run(path: Path) -> bool:
-    """Whether the module defines a top-level `run` (read, not imported: no side effects)."""
-    try:
-        tree = ast.parse(path.read_text(), str(path))
-    except (OSError, SyntaxError, ValueError):
-        return False
-    return any(
-        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "run"
-        for node in tree.body
-    )
 
 
 def available() -> list[str]:
-    """Benchmark modules in benchmarks/: those with `run(quick: bool) -> dict`.
-
-    Modules of benchmarks/ without one (attack.py, a script: `python -m benchmarks.attack`) are
-    not benchmarks of this command; `scripts()` lists them.
-    """
-    return [p.stem for p in _modules() if _has_run(p)]
+    """Benchmarks of this command: the modules with `run(quick: bool) -> dict`."""
+    return list(benchmarks.BENCHMARKS)
 
 
 def scripts() -> list[str]:
     """Modules of benchmarks/ without `run(quick)`: scripts, run as `python -m benchmarks.NAME`."""
-    return [p.stem for p in _modules() if not _has_run(p)]
+    return list(benchmarks.SCRIPTS)
 
 
-def _load(name: str):
-    if (_ROOT / "benchmarks" / "__init__.py").exists() and str(_ROOT) not in sys.path:
-        sys.path.insert(0, str(_ROOT))
+def _load(name: str) -> ModuleType:
     try:
-        return importlib.import_module(f"benchmarks.{name}")
+        return benchmarks.load(name)
     except ModuleNotFoundError as e:
         from tff_privseg.errors import UserError
 
@@ -75,16 +46,12 @@ def _load(name: str):
     + " (the default), memory, scaling, privacy_utility.",
 )
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions (a smoke run).")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where NAME.json files go (default: benchmarks/results/).",
+@common.out_option(
+    "Where NAME.json files go (default: benchmarks/results/).", file_okay=False, default=None
 )
 @json_option
 @handle_errors
-def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool) -> None:
+def bench(only: tuple[str, ...], quick: bool, out: str | None, as_json: bool) -> None:
     """Benchmarks: DP-SGD step vs non-private step, TFF round vs in-process, PyTorch/Opacus.
 
     \b
@@ -99,6 +66,8 @@ def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool
     object whose top level has `dp_overhead` and `tff_overhead` (ratios; null when not run)
     and every benchmark's result. benchmarks/attack.py is a script (python -m benchmarks.attack).
     """
+    from benchmarks.common import machine, save
+
     names = list(dict.fromkeys(only)) or list(DEFAULT)  # each once, in the order given
     bench_names, script_names = available(), scripts()
     unknown = [n for n in names if n not in bench_names]
@@ -115,7 +84,6 @@ def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool
         raise UserError(
             f"unknown benchmark {', '.join(unknown)} (available: {', '.join(bench_names)})"
         )
-    common = _load("common")
     command = "tff-privseg " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results: dict[str, Any] = {}
     for name in names:
@@ -126,7 +94,7 @@ def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool
             raise UserError(f"benchmarks/{name}.py has no run(quick) entry point")
         result = dict(module.run(quick=quick))
         markdown = result.pop("markdown", None)  # a table, written next to the JSON
-        path = common.save(name, result, Path(out_dir) if out_dir else None, command=command)
+        path = save(name, result, Path(out) if out else None, command=command)
         if markdown is not None:
             path.with_suffix(".md").write_text(markdown)
         result = {k: v for k, v in result.items() if k != "figures"} | {
@@ -139,7 +107,7 @@ def bench(only: tuple[str, ...], quick: bool, out_dir: str | None, as_json: bool
         "tff_overhead": results.get("tff_overhead", {}).get("ratio"),
         "dp_over_opacus": results.get("torch_reference", {}).get("ratio"),
         "quick": quick,
-        "machine": common.machine(),
+        "machine": machine(),
         "benchmarks": results,
     }
     emit(summary, as_json, _print)

@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: one-line errors, --json output, quiet TensorFlow."""
+"""Shared CLI plumbing: the options several commands take, one-line errors, --json output,
+quiet TensorFlow."""
 
 from __future__ import annotations
 
@@ -50,6 +51,73 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+Decorator = Callable[[Callable], Callable]
+_PATH_KEYS = ("exists", "file_okay", "dir_okay", "path_type")
+
+
+def path_option(*decls: str, **attrs: Any) -> Decorator:
+    """A click option of type click.Path: the keys of ``attrs`` named in _PATH_KEYS configure
+    the Path, the rest (help, required, default, ...) the option."""
+    path = {k: attrs.pop(k) for k in _PATH_KEYS if k in attrs}
+    return click.option(*decls, type=click.Path(**path), **attrs)
+
+
+def run_option(help: str = "Run directory.", **attrs: Any) -> Decorator:
+    """``--run`` into parameter ``run_dir``."""
+    return path_option("--run", "run_dir", help=help, **attrs)
+
+
+def data_option(help: str = "Dataset root.", **attrs: Any) -> Decorator:
+    """``--data`` into parameter ``data_root``."""
+    return path_option("--data", "data_root", help=help, **attrs)
+
+
+def config_option(help: str, **attrs: Any) -> Decorator:
+    """``--config`` (a file) into parameter ``config_path``."""
+    return path_option("--config", "config_path", dir_okay=False, help=help, **attrs)
+
+
+def out_option(help: str, **attrs: Any) -> Decorator:
+    """``--out`` into parameter ``out``."""
+    return path_option("--out", "out", help=help, **attrs)
+
+
+def tls_dir_option(help: str) -> Decorator:
+    """``--tls-dir``: a folder of PEM files."""
+    return path_option("--tls-dir", file_okay=False, help=help)
+
+
+def round_option(help: str) -> Decorator:
+    """``--round`` (a checkpoint round) into parameter ``round_num``."""
+    return click.option("--round", "round_num", type=int, help=help)
+
+
+def quiet_option(help: str = "No progress bar.") -> Decorator:
+    return click.option("--quiet", is_flag=True, help=help)
+
+
+def force_option(help: str) -> Decorator:
+    return click.option("--force", is_flag=True, help=help)
+
+
+def seed_option(**attrs: Any) -> Decorator:
+    return click.option("--seed", type=int, **attrs)
+
+
+def batch_size_option(**attrs: Any) -> Decorator:
+    """``--batch-size``: a whole number >= 1, 32 by default, unless ``attrs`` says otherwise."""
+    return click.option(
+        "--batch-size", **{"type": click.IntRange(1), "default": 32, "show_default": True} | attrs
+    )
+
+
+def choice_option(*decls: str, choices: list[str], default: str, help: str) -> Decorator:
+    """One of ``choices``, ``default`` shown in --help."""
+    return click.option(
+        *decls, type=click.Choice(choices), default=default, show_default=True, help=help
+    )
+
+
 def json_option(fn: Callable) -> Callable:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print one JSON object as the last line of stdout."
@@ -62,6 +130,13 @@ def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]]
         click.echo(json.dumps(_finite(result), default=_jsonable, sort_keys=True, allow_nan=False))
     else:
         human(result)
+
+
+def table(rows: list[list[Any]], header: list[str]) -> None:
+    """Print `rows` under `header` in left-aligned columns two spaces apart."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _finite(value: Any) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
 
@@ -22,25 +24,23 @@ def config() -> None:
 
 @config.command("from-ini", short_help="Convert the PyTorch baseline's INI file into TOML.")
 @click.argument("ini", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML file to write (atomically). Without it the TOML goes to stdout, the report to "
-    "stderr.",
+@common.out_option(
+    "TOML file to write (atomically). Without it the TOML goes to stdout, the report to " "stderr.",
+    dir_okay=False,
+    path_type=Path,
 )
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@common.force_option("Overwrite --out if it exists.")
 @click.option(
     "--slices-per-site",
     type=click.IntRange(1),
     help="Training slices of the largest site: turns the baseline's epochs into rounds "
     "(rounds = epochs x ceil(ceil(slices / batch_size) / sync_every_n_batch)).",
 )
-@click.option(
-    "--data",
-    "data_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset root (one folder per site): becomes data.root, and its training slices per "
+@common.data_option(
+    "Dataset root (one folder per site): becomes data.root, and its training slices per "
     "site are counted for the epochs -> rounds conversion (loads the data).",
+    file_okay=False,
+    path_type=Path,
 )
 @click.option(
     "--base",
@@ -143,27 +143,38 @@ def _print_report(r: dict[str, Any], err: bool) -> None:
         say(f"note: {note}")
 
 
-@config.command("show", short_help="Print a config with every default filled in.")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@handle_errors
+def _file_command(name: str, short_help: str) -> Callable[[Callable], click.Command]:
+    """A `config` sub-command on one TOML FILE, with --json and one-line errors."""
+
+    def make(fn: Callable) -> click.Command:
+        fn = json_option(handle_errors(fn))
+        fn = click.argument("file", type=click.Path(dir_okay=False, path_type=Path))(fn)
+        return config.command(name, short_help=short_help)(fn)
+
+    return make
+
+
+def _load(file: Path) -> tuple[Any, dict[str, Any]]:
+    """FILE's validated config and the result fields every sub-command reports."""
+    from tff_privseg import config as config_lib
+
+    cfg = config_lib.load(file)
+    return cfg, {"path": str(file), "digest": cfg.digest()}
+
+
+@_file_command("show", "Print a config with every default filled in.")
 def show(file: Path, as_json: bool) -> None:
     """Print the resolved TOML of FILE (validated, every default filled in)."""
     from tff_privseg import config as config_lib
 
-    cfg = config_lib.load(file)
-    result = {"path": str(file), "digest": cfg.digest(), "config": config_lib.to_dict(cfg)}
+    cfg, result = _load(file)
+    result["config"] = config_lib.to_dict(cfg)
     emit(result, as_json, lambda r: click.echo(config_lib.dumps(cfg), nl=False))
 
 
-@config.command("validate", short_help="Check a config; exit 2 with the problem if invalid.")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@json_option
-@handle_errors
+@_file_command("validate", "Check a config; exit 2 with the problem if invalid.")
 def validate(file: Path, as_json: bool) -> None:
     """Check that FILE is a valid config: known keys, right types, consistent settings."""
-    from tff_privseg import config as config_lib
-
-    cfg = config_lib.load(file)
-    result = {"path": str(file), "valid": True, "digest": cfg.digest()}
+    _, result = _load(file)
+    result["valid"] = True
     emit(result, as_json, lambda r: click.echo(f"{r['path']}: valid (digest {r['digest']})"))

@@ -10,13 +10,8 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
-
-
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+from cli import common
+from cli.common import emit, handle_errors, json_option, table
 
 
 def _mm(values: list[float]) -> str:
@@ -25,6 +20,14 @@ def _mm(values: list[float]) -> str:
 
 def _mm_range(lo: list[float], hi: list[float]) -> str:
     return _mm(lo) if _mm(lo) == _mm(hi) else f"{_mm(lo)} .. {_mm(hi)}"
+
+
+_new_dataset_option = common.out_option(
+    "Dataset folder to create; must be missing or empty.",
+    required=True,
+    file_okay=False,
+    path_type=Path,
+)
 
 
 @click.group()
@@ -38,12 +41,7 @@ def data() -> None:
 
 
 @data.command(short_help="Write a synthetic multi-site abdominal CT dataset.")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset folder to create; must be missing or empty.",
-)
+@_new_dataset_option
 @click.option(
     "--sites",
     type=click.IntRange(1, 500),
@@ -58,12 +56,8 @@ def data() -> None:
     show_default=True,
     help="Synthetic patients (CT volumes) per site.",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Random seed; the same seed writes the same dataset.",
+@common.seed_option(
+    default=0, show_default=True, help="Random seed; the same seed writes the same dataset."
 )
 @click.option(
     "--shape",
@@ -121,7 +115,7 @@ def synth(
     }
 
     def human(r: dict[str, Any]) -> None:
-        _table(
+        table(
             [
                 [
                     s["name"],
@@ -142,12 +136,7 @@ def synth(
 
 
 @data.command(short_help="Build a small real multi-site CT dataset (TotalSegmentator).")
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Dataset folder to create; must be missing or empty.",
-)
+@_new_dataset_option
 @click.option(
     "--target",
     default="liver",
@@ -176,7 +165,7 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
     result = build_example_dataset(out, target=target, cache_dir=cache_dir)
 
     def human(r: dict[str, Any]) -> None:
-        _table(
+        table(
             [
                 [
                     s["name"],
@@ -201,13 +190,11 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
 
 @data.command(short_help="Validate a dataset folder and report each site.")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="TOML config; its [data] section sets layout, labels, preprocessing and split "
+@common.config_option(
+    "TOML config; its [data] section sets layout, labels, preprocessing and split "
     "(defaults otherwise).",
+    path_type=Path,
+    default=None,
 )
 @json_option
 @handle_errors
@@ -243,7 +230,7 @@ def check(root: Path, config_path: Path | None, as_json: bool) -> None:
                     labels(s["labels"]),
                 ]
             )
-        _table(
+        table(
             rows,
             [
                 "site",

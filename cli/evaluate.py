@@ -7,44 +7,32 @@ from typing import Any
 
 import click
 
-from cli.common import emit, handle_errors, json_option
+from cli import common
+from cli.common import emit, handle_errors, json_option, table
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 @click.command()
-@click.option(
-    "--run",
-    "run_dir",
+@common.run_option(
+    "Run directory written by `train --out` (config.toml, model.keras).",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Run directory written by `train --out` (config.toml, model.keras).",
+    path_type=Path,
 )
-@click.option(
-    "--data",
-    "data_root",
-    type=click.Path(path_type=Path),
-    help="Dataset root (one folder per site) [default: the run's data.root].",
+@common.data_option(
+    "Dataset root (one folder per site) [default: the run's data.root].", path_type=Path
 )
-@click.option(
+@common.choice_option(
     "--split",
-    type=click.Choice(["test", "val", "train"]),
+    choices=["test", "val", "train"],
     default="test",
-    show_default=True,
     help="Patient-level split to evaluate (the same split as in training).",
 )
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Output folder [default: RUN/eval_SPLIT]; an earlier evaluation there is replaced.",
+@common.out_option(
+    "Output folder [default: RUN/eval_SPLIT]; an earlier evaluation there is replaced.",
+    path_type=Path,
 )
 @click.option(
     "--overlays",
@@ -53,8 +41,8 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
     show_default=True,
     help="Slices per site drawn in overlays/SITE.png (0: none).",
 )
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--quiet", is_flag=True, help="No progress bar while preprocessing.")
+@common.batch_size_option()
+@common.quiet_option("No progress bar while preprocessing.")
 @json_option
 @handle_errors
 def evaluate(
@@ -90,32 +78,10 @@ def evaluate(
 
 
 def _print_evaluation(r: dict[str, Any]) -> None:
-    rows = [
-        [
-            s["site"],
-            str(s["volumes"]),
-            _fmt(s["dice"]),
-            _fmt(s["iou"]),
-            _fmt(s["hd95_median_mm"], ".1f")
-            + (f" ({s['hd95_infinite']} inf)" * bool(s["hd95_infinite"])),
-            _fmt(s["pooled_slice_dice"]),
-        ]
-        for s in r["sites"]
-    ]
-    o = r["overall"]
-    rows.append(
-        [
-            "overall",
-            str(o["volumes"]),
-            _fmt(o["dice"]),
-            _fmt(o["iou"]),
-            _fmt(o["hd95_median_mm"], ".1f")
-            + (f" ({o['hd95_infinite']} inf)" * bool(o["hd95_infinite"])),
-            _fmt(o["pooled_slice_dice"]),
-        ]
-    )
+    rows = [_evaluation_row(s["site"], s) for s in r["sites"]]
+    rows.append(_evaluation_row("overall", r["overall"]))
     click.echo(f"run {r['run']}, split '{r['split']}' ({r['data']})")
-    _table(
+    table(
         rows,
         ["site", "volumes", "Dice (3D)", "IoU (3D)", "HD95 mm (median)", "pooled slice Dice*"],
     )
@@ -127,6 +93,15 @@ def _print_evaluation(r: dict[str, Any]) -> None:
     click.echo(f"results: {r['out']}/evaluation.json, predictions/, overlays/")
 
 
+def _evaluation_row(name: str, m: dict[str, Any]) -> list[str]:
+    """One table row: a site's (or the overall) volumes, Dice, IoU, HD95 and pooled Dice."""
+    hd95 = _fmt(m["hd95_median_mm"], ".1f")
+    if m["hd95_infinite"]:
+        hd95 += f" ({m['hd95_infinite']} inf)"
+    dice, iou, pooled = (_fmt(m[k]) for k in ("dice", "iou", "pooled_slice_dice"))
+    return [name, str(m["volumes"]), dice, iou, hd95, pooled]
+
+
 @click.command()
 @click.option(
     "--model",
@@ -136,13 +111,12 @@ def _print_evaluation(r: dict[str, Any]) -> None:
     help="Run directory (config.toml + model.keras) or a SavedModel from `export`.",
 )
 @click.argument("inputs", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
+@common.out_option(
+    "Mask file (.nii.gz) for one scan; a folder when INPUTS is a folder.",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Mask file (.nii.gz) for one scan; a folder when INPUTS is a folder.",
+    path_type=Path,
 )
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@common.batch_size_option()
 @json_option
 @handle_errors
 def predict(model_path: Path, inputs: Path, out: Path, batch_size: int, as_json: bool) -> None:

@@ -7,24 +7,22 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
 
 @click.command()
-@click.option(
-    "--run",
-    "run_dir",
+@common.run_option(
+    "Run directory written by `train --out` (config.toml, model.keras, privacy.json).",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Run directory written by `train --out` (config.toml, model.keras, privacy.json).",
+    path_type=Path,
 )
-@click.option(
-    "--out",
+@common.out_option(
+    "SavedModel folder to create, e.g. saved_models/NAME (must be missing or empty).",
     required=True,
-    type=click.Path(path_type=Path),
-    help="SavedModel folder to create, e.g. saved_models/NAME (must be missing or empty).",
+    path_type=Path,
 )
-@click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
+@common.force_option("Replace an earlier export in --out.")
 @json_option
 @handle_errors
 def export(run_dir: Path, out: Path, force: bool, as_json: bool) -> None:

@@ -6,18 +6,14 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import FiniteFloat, emit, handle_errors, json_option
 
 
 @click.command()
-@click.option(
-    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config."
-)
-@click.option(
-    "--data",
-    "data_root",
-    type=click.Path(file_okay=False),
-    help="Dataset root; overrides data.root (site sizes set the sampling rates).",
+@common.config_option("TOML config.", required=True)
+@common.data_option(
+    "Dataset root; overrides data.root (site sizes set the sampling rates).", file_okay=False
 )
 @click.option(
     "--target-epsilon",

@@ -7,16 +7,16 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
 
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Report folder [default: RUN/report for one run, reports/compare-HASH for several]; "
+@common.out_option(
+    "Report folder [default: RUN/report for one run, reports/compare-HASH for several]; "
     "an earlier report there is replaced.",
+    path_type=Path,
 )
 @json_option
 @handle_errors

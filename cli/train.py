@@ -6,31 +6,16 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="TOML config (see configs/).",
-)
-@click.option(
-    "--data",
-    "data_root",
-    type=click.Path(file_okay=False),
-    help="Dataset root (one folder per site); overrides data.root.",
-)
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(file_okay=False),
-    help="Run directory [default: runs/<config name>-<config hash>].",
-)
+@common.config_option("TOML config (see configs/).", required=True)
+@common.data_option("Dataset root (one folder per site); overrides data.root.", file_okay=False)
+@common.out_option("Run directory [default: runs/<config name>-<config hash>].", file_okay=False)
 @click.option("--rounds", type=int, help="Override train.rounds.")
-@click.option("--seed", type=int, help="Override train.seed.")
+@common.seed_option(help="Override train.seed.")
 @click.option(
     "--privacy",
     "privacy_level",
@@ -43,17 +28,13 @@ from cli.common import emit, handle_errors, json_option
     help="Continue the run in --out from its newest loadable checkpoint, with its secret key "
     "(same config and data; --rounds may change where no round already run changes).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@common.quiet_option()
 @click.option(
     "--workers",
     metavar="HOST:PORT,...",
     help="Run the federated computation on remote `tff-privseg worker`s (mutual TLS).",
 )
-@click.option(
-    "--tls-dir",
-    type=click.Path(file_okay=False),
-    help="Coordinator credentials for --workers: client.pem, client.key, ca.pem.",
-)
+@common.tls_dir_option("Coordinator credentials for --workers: client.pem, client.key, ca.pem.")
 @json_option
 @handle_errors
 def train(

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from cli import common
 from cli.common import emit, handle_errors, json_option
 
 
@@ -23,10 +24,8 @@ from cli.common import emit, handle_errors, json_option
 @click.option(
     "--ca", type=click.Path(dir_okay=False), help="CA (PEM) whose client certificates we accept."
 )
-@click.option(
-    "--tls-dir",
-    type=click.Path(file_okay=False),
-    help="Directory from `worker certs`: server.pem, server.key, ca.pem (instead of the three).",
+@common.tls_dir_option(
+    "Directory from `worker certs`: server.pem, server.key, ca.pem (instead of the three)."
 )
 @click.option(
     "--insecure",
@@ -82,7 +81,7 @@ def worker(
 
 
 @worker.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@common.out_option("Output directory.", required=True, file_okay=False)
 @click.option(
     "--host",
     "hosts",
@@ -90,7 +89,7 @@ def worker(
     help="Name or IP the coordinator uses to reach a worker (repeatable); localhost is added.",
 )
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@common.force_option("Overwrite existing files.")
 @json_option
 @handle_errors
 def certs(out: str, hosts: tuple[str, ...], days: int, force: bool, as_json: bool) -> None:

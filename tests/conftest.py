@@ -1,14 +1,23 @@
-"""Shared fixtures. One TFF worker for the whole session, always stopped at the end."""
+"""Shared fixtures and helpers: one TFF worker for the whole session (always stopped at the
+end), the CLI in-process and in fresh processes, a tiny model for the federated process tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+    from click.testing import Result
+
+    from tff_privseg.config import Config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -85,3 +94,83 @@ def start_cli(tag: str, *args: str, cwd: Path | None = None, preexec_fn=None) ->
         env={**os.environ, "TFF_PRIVSEG_TEST_TAG": tag, "TF_CPP_MIN_LOG_LEVEL": "3"},
         preexec_fn=preexec_fn,
     )
+
+
+def invoke(*args: object, catch_exceptions: bool = True) -> Result:
+    """`tff-privseg ARGS` in this process (click's CliRunner); every argument is str()-ed."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+
+def last_json(result: Result) -> dict:
+    """The --json object on the last line of a successful command's stdout."""
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def one_line_error(result: Result, code: int = 2) -> str:
+    """The command failed with exit `code` and one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny segmentation model and config for the federated process tests (TensorFlow is imported
+# only when they are used).
+
+TINY_RES = 8  # slices of TINY_RES x TINY_RES pixels
+
+
+def tiny_model() -> tf.keras.Model:
+    """Conv 3x3 (3 filters), GroupNorm, ReLU, 1x1 sigmoid: [batch, 8, 8, 1] -> [batch, 8, 8, 1]."""
+    import tensorflow as tf
+
+    inp = tf.keras.Input((TINY_RES, TINY_RES, 1))
+    h = tf.keras.layers.Conv2D(3, 3, padding="same")(inp)
+    h = tf.keras.layers.GroupNormalization(3)(h)
+    h = tf.keras.layers.ReLU()(h)
+    return tf.keras.Model(inp, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(h))
+
+
+def tiny_loss(y: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """Soft Dice loss per example: masks y [batch, H, W] int, probabilities p [batch, H, W, 1]."""
+    import tensorflow as tf
+
+    y = tf.cast(y, tf.float32)[..., None]
+    return 1.0 - (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
+
+
+def tiny_cfg(**overrides: object) -> Config:
+    """The default config at TINY_RES with a depth-1 model, dotted keys overridden."""
+    from tff_privseg import config
+
+    return config.from_dict({"data": {"resolution": TINY_RES}, "model": {"depth": 1}}).replace(
+        **overrides
+    )
+
+
+def tiny_site_inputs(round_num: int, batches: list, sites: int = 3) -> list[dict]:
+    """One round's client data: per site 6 random slices (seeded by round and site) split into
+    `batches` (index arrays), and the site's seed [round_num, site]."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tff_privseg.federated import sampling
+
+    out = []
+    for i in range(sites):
+        rng = np.random.default_rng(100 * round_num + i)
+        x = rng.random((6, TINY_RES, TINY_RES, 1)).astype(np.float32)
+        y = (x[..., 0] > 0.6).astype(np.int32)
+        out.append(
+            {
+                "batches": sampling.batches_dataset(x, y, batches),
+                "seed": tf.data.Dataset.from_tensors(np.array([round_num, i], np.int64)),
+            }
+        )
+    return out

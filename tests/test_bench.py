@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -57,9 +58,7 @@ def test_bench_quick_all_json(tmp_path):
 
 
 def _benchmark(name: str):
-    from cli.bench import _load
-
-    return _load(name)  # benchmarks/ is not an installed package: the CLI's own loader
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_bench_lists_only_modules_with_run():
@@ -68,6 +67,23 @@ def test_bench_lists_only_modules_with_run():
     names = available()
     assert {"dp_overhead", "tff_overhead", "memory", "scaling", "privacy_utility"} <= set(names)
     assert "attack" not in names and "common" not in names and "attack" in scripts()
+
+
+def test_registry_names_every_module_and_only_benchmarks_have_run():
+    import benchmarks
+
+    files = {p.stem for p in (ROOT / "benchmarks").glob("*.py")} - {"__init__", "common"}
+    assert files == set(benchmarks.BENCHMARKS) | set(benchmarks.SCRIPTS)
+    assert all(callable(getattr(benchmarks.load(n), "run", None)) for n in benchmarks.BENCHMARKS)
+    assert not any(hasattr(benchmarks.load(n), "run") for n in benchmarks.SCRIPTS)
+
+
+def test_results_go_under_the_current_directory_by_default(tmp_path, monkeypatch):
+    common = _benchmark("common")
+    monkeypatch.chdir(tmp_path)
+    path = common.save("example", {"figures": {}})
+    assert (tmp_path / path).resolve() == tmp_path / "benchmarks" / "results" / "example.json"
+    assert json.loads(path.read_text())["benchmark"] == "example"
 
 
 def test_bench_script_without_run_is_one_line_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import invoke
 
-from cli.main import cli
 from tff_privseg.data.nifti import open_nifti, read_case
 from tff_privseg.errors import UserError
 
@@ -49,8 +50,14 @@ def root(tmp_path: Path) -> Path:
     return root
 
 
-def check(*args: object) -> Result:
-    return CliRunner().invoke(cli, ["data", "check", *map(str, args)])
+check = functools.partial(invoke, "data", "check")
+
+
+def one_voxel(dtype: type, value: float, at: int) -> np.ndarray:
+    """A zero volume of SHAPE holding `value` at voxel (at, at, at)."""
+    volume = np.zeros(SHAPE, dtype)
+    volume[at, at, at] = value
+    return volume
 
 
 def assert_error(result: Result, *needles: str) -> str:
@@ -109,16 +116,12 @@ def test_affine_mismatch(root: Path) -> None:
 
 
 def test_labels_outside_declared_classes(root: Path) -> None:
-    label = np.zeros(SHAPE, np.uint8)
-    label[1, 1, 1] = 7
-    save(root / "hospB" / "labels" / "hospB_3.nii.gz", label)
+    save(root / "hospB" / "labels" / "hospB_3.nii.gz", one_voxel(np.uint8, 7, 1))
     assert_error(check(root), "hospB_3.nii.gz", "label values {7} are outside the declared classes")
 
 
 def test_multiclass_labels_beyond_num_classes(root: Path, tmp_path: Path) -> None:
-    label = np.zeros(SHAPE, np.uint8)
-    label[1, 1, 1] = 2
-    save(root / "hospB" / "labels" / "hospB_3.nii.gz", label)
+    save(root / "hospB" / "labels" / "hospB_3.nii.gz", one_voxel(np.uint8, 2, 1))
     config = tmp_path / "multi.toml"
     config.write_text('[data]\nlabels = "multiclass"\nnum_classes = 2\n')
     assert_error(check(root, "--config", config), "hospB_3.nii.gz", "{2} are outside")
@@ -126,16 +129,12 @@ def test_multiclass_labels_beyond_num_classes(root: Path, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_voxels(root: Path, bad: float) -> None:
-    image = np.zeros(SHAPE, np.float32)
-    image[3, 3, 3] = bad
-    save(root / "hospA" / "images" / "hospA_3.nii.gz", image)
+    save(root / "hospA" / "images" / "hospA_3.nii.gz", one_voxel(np.float32, bad, 3))
     assert_error(check(root), "images/hospA_3.nii.gz", "image has 1 NaN/inf voxels")
 
 
 def test_non_integer_labels(root: Path) -> None:
-    label = np.zeros(SHAPE, np.float32)
-    label[2, 2, 2] = 0.5
-    save(root / "hospA" / "labels" / "hospA_0.nii.gz", label)
+    save(root / "hospA" / "labels" / "hospA_0.nii.gz", one_voxel(np.float32, 0.5, 2))
     assert_error(check(root), "labels/hospA_0.nii.gz", "non-integer")
 
 
@@ -217,14 +216,14 @@ def test_config_wrong_type(root: Path, tmp_path: Path) -> None:
 def test_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "out")])
+    result = invoke("data", "synth", "--out", tmp_path / "out")
     assert_error(result, "out", "not empty")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
 def test_debug_flag_shows_the_exception(root: Path) -> None:
     (root / "hospC").mkdir()
-    result = CliRunner().invoke(cli, ["--debug", "data", "check", str(root)])
+    result = invoke("--debug", "data", "check", root)
     assert isinstance(result.exception, UserError)
 
 
@@ -239,8 +238,6 @@ def test_reader_reports_truncated_label_directly(tmp_path: Path) -> None:
 def test_example_download_impossible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip as if offline: fails at once, no network
     out, cache = tmp_path / "example", tmp_path / "cache"
-    result = CliRunner().invoke(
-        cli, ["data", "example", "--out", str(out), "--cache-dir", str(cache)]
-    )
+    result = invoke("data", "example", "--out", out, "--cache-dir", cache)
     assert_error(result, str(cache), "could not download totalsegmentator==2.18.0")
     assert not out.exists()

@@ -5,24 +5,17 @@ Slow and needs the package index: run with ``pytest -m slow tests/test_data_exam
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-
-from cli.main import cli
+from conftest import invoke, last_json
 
 pytestmark = pytest.mark.slow
 
 
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli, ["data", *map(str, args)])
-
-
-def last_json(result: Result) -> dict:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout.strip().splitlines()[-1])
+run = functools.partial(invoke, "data")
 
 
 def test_example_builds_real_liver_sites(tmp_path: Path) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from conftest import invoke, last_json, one_line_error
 
-from cli.main import cli
 from tff_privseg import config as config_lib
 from tff_privseg.config import Config
 from tff_privseg.data import load_sites
@@ -73,22 +72,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
     path = tmp_path_factory.mktemp("runs") / "run"
     make_run(path, make_cfg(data))
     return path
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def last_json(result: Result) -> dict:
-    assert result.exit_code == 0, result.output + (result.stderr or "")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def one_line_error(result: Result, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
 
 
 def oracle(cfg: Config, root: Path):

@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import PIPE
 
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from conftest import invoke, one_line_error
 
-from cli.main import cli
 from tff_privseg import config as config_lib
 from tff_privseg.config import Config
 from tff_privseg.data.preprocess import resize_plane, scale_intensity
@@ -101,66 +101,27 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     return base / "run", model, base / "saved_models" / "m"
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(result: Result) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
-
-
 def test_fresh_process_and_saved_model_cli_equal_keras(exported, tmp_path: Path) -> None:
     run, model, saved = exported
     x = ct_slices((3, RES, RES), seed=0)
     np.save(tmp_path / "x.npy", x)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def start(*args: str, **kw: object) -> subprocess.Popen:
+        return subprocess.Popen(args, stdout=PIPE, stderr=PIPE, text=True, env=env, **kw)
+
+    signature = ("--dir", str(saved), "--tag_set", "serve", "--signature_def", "serving_default")
     procs = [  # three fresh processes at once (each mostly waits on importing TensorFlow)
-        subprocess.Popen(
-            [sys.executable, "-c", FRESH, str(saved), str(tmp_path / "x")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        ),
-        subprocess.Popen(
-            [
-                str(SAVED_MODEL_CLI),
-                "show",
-                "--dir",
-                str(saved),
-                "--tag_set",
-                "serve",
-                "--signature_def",
-                "serving_default",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        ),
-        subprocess.Popen(
-            [
-                str(SAVED_MODEL_CLI),
-                "run",
-                "--dir",
-                str(saved),
-                "--tag_set",
-                "serve",
-                "--signature_def",
-                "serving_default",
-                "--inputs",
-                f"slices={tmp_path / 'x.npy'}",
-                "--outdir",
-                str(tmp_path / "cli_out"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
+        start(sys.executable, "-c", FRESH, str(saved), str(tmp_path / "x"), cwd=tmp_path),
+        start(str(SAVED_MODEL_CLI), "show", *signature),
+        start(
+            str(SAVED_MODEL_CLI),
+            "run",
+            *signature,
+            "--inputs",
+            f"slices={tmp_path / 'x.npy'}",
+            "--outdir",
+            str(tmp_path / "cli_out"),
         ),
     ]
     results = [(p.communicate(timeout=240), p.returncode) for p in procs]

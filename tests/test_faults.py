@@ -148,15 +148,26 @@ def config(**dotted: object) -> Callable[[dict], None]:
     return setup
 
 
-def dataset(mutate: Callable[[Path], None]) -> Callable[[dict], None]:
-    """`{data}` becomes a copy of the module's dataset, changed by `mutate(root)`."""
+def copied(key: str, change: Callable[[Path], None]) -> Callable[[dict], None]:
+    """`{key}` (a folder) becomes a copy of the module's, in the case's TMP/key, changed by
+    `change(copy)`."""
 
     def setup(c: dict) -> None:
-        root = c["tmp"] / "data"
-        shutil.copytree(c["data"], root)
-        mutate(root)
-        c["data"] = root
-        c["cfg"] = write_config(c["tmp"] / "cfg.toml", root)
+        copy = c["tmp"] / key
+        shutil.copytree(c[key], copy)
+        change(copy)
+        c[key] = copy
+
+    return setup
+
+
+def dataset(mutate: Callable[[Path], None]) -> Callable[[dict], None]:
+    """`{data}` becomes a copy of the module's dataset, changed by `mutate(root)`; `{cfg}` the
+    base config on it."""
+
+    def setup(c: dict) -> None:
+        copied("data", mutate)(c)
+        c["cfg"] = write_config(c["tmp"] / "cfg.toml", c["data"])
 
     return setup
 
@@ -222,14 +233,7 @@ def corrupted_after_a_clean_check(c: dict) -> None:
 
 def tls_dir(change: Callable[[Path], None]) -> Callable[[dict], None]:
     """`{pki}` becomes a copy of the test PKI, changed by `change(dir)`."""
-
-    def setup(c: dict) -> None:
-        d = c["tmp"] / "pki"
-        shutil.copytree(c["pki"], d)
-        change(d)
-        c["pki"] = d
-
-    return setup
+    return copied("pki", change)
 
 
 def write(name: str, text: str) -> Callable[[dict], None]:

@@ -7,34 +7,14 @@ import socket
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY_RES as R
+from conftest import tiny_cfg, tiny_loss, tiny_model
 
-from tff_privseg import config
 from tff_privseg.federated import sampling
 from tff_privseg.federated.client import DpSgdSpec, build_client_update
 from tff_privseg.federated.process import build_process, tff_optimizer
 from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
 from tff_privseg.privacy.records import record_dp_gradient
-
-R = 8
-
-
-def model_fn() -> tf.keras.Model:
-    inp = tf.keras.Input((R, R, 1))
-    h = tf.keras.layers.Conv2D(3, 3, padding="same")(inp)
-    h = tf.keras.layers.GroupNormalization(3)(h)
-    h = tf.keras.layers.ReLU()(h)
-    return tf.keras.Model(inp, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(h))
-
-
-def loss_fn(y, p):
-    y = tf.cast(y, tf.float32)[..., None]
-    return 1.0 - (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
-
-
-def make_cfg(**overrides) -> config.Config:
-    base = {"data": {"resolution": R}, "model": {"depth": 1}}
-    cfg = config.from_dict(base)
-    return cfg.replace(**overrides)
 
 
 def site_data(n: int, seed: int):
@@ -55,14 +35,14 @@ def inputs(sites, batches, seeds=None):
 
 def hand_fedavg(w0, sites, batches, lr):
     """FedAvg by hand: local SGD per site, uniform mean of deltas, server SGD with lr 1."""
-    model = model_fn()
+    model = tiny_model()
     deltas = []
     for (x, y), site_batches in zip(sites, batches, strict=True):
         for v, w in zip(model.trainable_variables, w0, strict=True):
             v.assign(w)
         for idx in site_batches:
             with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(loss_fn(y[idx], model(x[idx], training=True)))
+                loss = tf.reduce_mean(tiny_loss(y[idx], model(x[idx], training=True)))
             grads = tape.gradient(loss, model.trainable_variables)
             for v, g in zip(model.trainable_variables, grads, strict=True):
                 v.assign_sub(lr * g)
@@ -73,10 +53,10 @@ def hand_fedavg(w0, sites, batches, lr):
 
 def test_one_round_equals_hand_computed_fedavg(tff_runtime):
     lr = 0.5
-    cfg = make_cfg(
+    cfg = tiny_cfg(
         **{"privacy.level": "none", "train.client_optimizer": "sgd", "train.client_lr": lr}
     )
-    process = build_process(cfg, model_fn, loss_fn, 2, None)
+    process = build_process(cfg, tiny_model, tiny_loss, 2, None)
     state = process.initialize()
     w0 = [np.asarray(w) for w in process.get_model_weights(state).trainable]
     sites = [site_data(6, 0), site_data(4, 1)]
@@ -91,9 +71,9 @@ def test_one_round_equals_hand_computed_fedavg(tff_runtime):
 
 
 def test_dp_sgd_round_is_deterministic_for_a_seed_and_noisy_across_seeds(tff_runtime):
-    cfg = make_cfg(**{"privacy.level": "sample", "train.client_optimizer": "sgd"})
+    cfg = tiny_cfg(**{"privacy.level": "sample", "train.client_optimizer": "sgd"})
     dp = DpSgdSpec(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=3.0)
-    process = build_process(cfg, model_fn, loss_fn, 2, dp)
+    process = build_process(cfg, tiny_model, tiny_loss, 2, dp)
     state = process.initialize()
     sites = [site_data(6, 0), site_data(4, 1)]
     batches = [[np.array([0, 1, 2]), np.array([], np.int64)], [np.array([0, 1]), np.array([3])]]
@@ -128,9 +108,9 @@ def test_dp_client_update_equals_its_steps_taken_one_by_one(group):
             np.ones(4, np.float32),
         ]
     seed = np.array([5, 7], np.int64)
-    model = model_fn()
+    model = tiny_model()
     w0 = [v.numpy() for v in model.trainable_variables]
-    update = build_client_update(model_fn, loss_fn, tff_optimizer("sgd", lr), dp)
+    update = build_client_update(tiny_model, tiny_loss, tff_optimizer("sgd", lr), dp)
     data = sampling.batches_dataset(x, y, plan, weights)
     delta, examples, loss_sum = update(w0, data, seed, tf.constant(lr))
 
@@ -138,8 +118,8 @@ def test_dp_client_update_equals_its_steps_taken_one_by_one(group):
     def step(x, y, w, step_seed):
         query = SeededGaussianSumQuery(clip, clip * sigma, step_seed)
         if group == 1:
-            return dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)
-        return record_dp_gradient(model, loss_fn, x, y, w, group, query, dp.expected_batch_size)
+            return dp_gradient(model, tiny_loss, x, y, query, dp.expected_batch_size)
+        return record_dp_gradient(model, tiny_loss, x, y, w, group, query, dp.expected_batch_size)
 
     losses = []
     for k, (idx, w) in enumerate(zip(plan, weights, strict=True)):
@@ -158,10 +138,10 @@ def test_dp_client_update_equals_its_steps_taken_one_by_one(group):
 
 @pytest.mark.parametrize("clipping", ["fixed", "adaptive"])
 def test_site_level_dp_fedavg_runs_with_three_sites(tff_runtime, clipping):
-    cfg = make_cfg(
+    cfg = tiny_cfg(
         **{"privacy.level": "site", "privacy.clipping": clipping, "privacy.noise_multiplier": 0.5}
     )
-    process = build_process(cfg, model_fn, loss_fn, 3, None)
+    process = build_process(cfg, tiny_model, tiny_loss, 3, None)
     state = process.initialize()
     sites = [site_data(4, i) for i in range(3)]
     batches = [[np.arange(4)] for _ in range(3)]
@@ -173,9 +153,9 @@ def test_site_level_dp_fedavg_runs_with_three_sites(tff_runtime, clipping):
 def test_secure_aggregation_sums_within_bounds(tff_runtime):
     lr = 0.5
     base = {"privacy.level": "none", "train.client_optimizer": "sgd", "train.client_lr": lr}
-    plain = build_process(make_cfg(**base), model_fn, loss_fn, 2, None)
+    plain = build_process(tiny_cfg(**base), tiny_model, tiny_loss, 2, None)
     secure = build_process(
-        make_cfg(**base, **{"privacy.secure_aggregation": True}), model_fn, loss_fn, 2, None
+        tiny_cfg(**base, **{"privacy.secure_aggregation": True}), tiny_model, tiny_loss, 2, None
     )
     sites = [site_data(6, 0), site_data(4, 1)]
     batches = [[np.array([0, 1, 2])], [np.array([0, 1])]]
@@ -199,9 +179,9 @@ def test_site_level_round_with_no_site_drawn_still_adds_noise(tff_runtime, execu
     release that no site was drawn): the server step runs on no sites and adds its noise."""
     from tff_privseg.federated.hybrid import build_hybrid_process
 
-    cfg = make_cfg(**{"privacy.level": "site", "privacy.noise_multiplier": 0.5})
+    cfg = tiny_cfg(**{"privacy.level": "site", "privacy.noise_multiplier": 0.5})
     build = build_hybrid_process if execution == "hybrid" else build_process
-    process = build(cfg, model_fn, loss_fn, 1, None)
+    process = build(cfg, tiny_model, tiny_loss, 1, None)
     state = process.initialize()
     before = process.get_model_weights(state).trainable
     after = process.get_model_weights(process.next(state, []).state).trainable

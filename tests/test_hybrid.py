@@ -4,55 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
 
-from tff_privseg import config
-from tff_privseg.federated import sampling
 from tff_privseg.federated.client import DpSgdSpec
 from tff_privseg.federated.hybrid import HybridProcess
 from tff_privseg.federated.process import build_process
 
-R = 8
 SITES = 3
-
-
-def model_fn() -> tf.keras.Model:
-    inp = tf.keras.Input((R, R, 1))
-    h = tf.keras.layers.Conv2D(3, 3, padding="same")(inp)
-    h = tf.keras.layers.GroupNormalization(3)(h)
-    h = tf.keras.layers.ReLU()(h)
-    return tf.keras.Model(inp, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(h))
-
-
-def loss_fn(y, p):
-    y = tf.cast(y, tf.float32)[..., None]
-    return 1.0 - (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
-
-
-def site_inputs(round_num: int):
-    out = []
-    for i in range(SITES):
-        rng = np.random.default_rng(100 * round_num + i)
-        x = rng.random((6, R, R, 1)).astype(np.float32)
-        y = (x[..., 0] > 0.6).astype(np.int32)
-        batches = [np.array([0, 1, 2]), np.array([3, 4]), np.array([], np.int64)]
-        out.append(
-            {
-                "batches": sampling.batches_dataset(x, y, batches),
-                "seed": tf.data.Dataset.from_tensors(np.array([round_num, i], np.int64)),
-            }
-        )
-    return out
+BATCHES = [np.array([0, 1, 2]), np.array([3, 4]), np.array([], np.int64)]  # one empty batch
 
 
 @pytest.mark.parametrize("level", ["none", "sample"])
 def test_hybrid_rounds_equal_pure_tff_rounds(tff_runtime, level):
-    cfg = config.from_dict({"data": {"resolution": R}, "model": {"depth": 1}}).replace(
+    cfg = tiny_cfg(
         **{"privacy.level": level, "train.client_optimizer": "sgd", "train.client_lr": 0.5}
     )
     dp = DpSgdSpec(1.0, 1.0, 3.0) if level == "sample" else None
-    process = build_process(cfg, model_fn, loss_fn, SITES, dp)
-    hybrid = HybridProcess(cfg, model_fn, loss_fn, SITES, dp, process=process)
+    process = build_process(cfg, tiny_model, tiny_loss, SITES, dp)
+    hybrid = HybridProcess(cfg, tiny_model, tiny_loss, SITES, dp, process=process)
     state = process.initialize()
     weights = process.get_model_weights(state)
     rng = np.random.default_rng(0)
@@ -62,7 +31,7 @@ def test_hybrid_rounds_equal_pure_tff_rounds(tff_runtime, level):
     def run(proc):
         state, metrics = start, None
         for r in range(2):
-            out = proc.next(state, site_inputs(r))
+            out = proc.next(state, tiny_site_inputs(r, BATCHES, SITES))
             state, metrics = out.state, out.metrics
         return state, metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import csv
+import functools
 import json
 import math
 import subprocess
@@ -12,9 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from conftest import invoke as invoke_cli
 
-from cli.main import cli
 from tff_privseg import config as config_lib
 from tff_privseg.errors import UserError
 from tff_privseg.parity.baseline_format import (
@@ -33,8 +33,7 @@ INI = FIXTURES / "segmentation.ini"
 LOG = FIXTURES / "baseline_train.log"
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+invoke = functools.partial(invoke_cli, catch_exceptions=False)
 
 
 def last_json(output: str) -> dict:

@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
 
-from tff_privseg import config
 from tff_privseg.errors import UserError
-from tff_privseg.federated import sampling
 from tff_privseg.runtime import (
     RemoteTls,
     WorkerLost,
@@ -38,7 +36,6 @@ from tff_privseg.runtime.remote import _tff_stub_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"
-R = 8
 
 
 def tagged_pids() -> set[int]:
@@ -239,48 +236,20 @@ def _tls(pki: Path) -> dict:
     return {"cert": pki / "client.pem", "key": pki / "client.key", "ca": pki / "ca.pem"}
 
 
-def model_fn() -> tf.keras.Model:
-    inp = tf.keras.Input((R, R, 1))
-    h = tf.keras.layers.Conv2D(3, 3, padding="same")(inp)
-    h = tf.keras.layers.GroupNormalization(3)(h)
-    h = tf.keras.layers.ReLU()(h)
-    return tf.keras.Model(inp, tf.keras.layers.Conv2D(1, 1, activation="sigmoid")(h))
-
-
-def loss_fn(y, p):
-    y = tf.cast(y, tf.float32)[..., None]
-    return 1.0 - (2 * tf.reduce_sum(y * p, [1, 2, 3]) + 1) / (tf.reduce_sum(y + p, [1, 2, 3]) + 1)
-
-
 SITES = 3
-
-
-def site_inputs(round_num: int):
-    out = []
-    for i in range(SITES):
-        rng = np.random.default_rng(100 * round_num + i)
-        x = rng.random((6, R, R, 1)).astype(np.float32)
-        y = (x[..., 0] > 0.6).astype(np.int32)
-        batches = [np.array([0, 1, 2]), np.array([3, 4, 5])]
-        out.append(
-            {
-                "batches": sampling.batches_dataset(x, y, batches),
-                "seed": tf.data.Dataset.from_tensors(np.array([round_num, i], np.int64)),
-            }
-        )
-    return out
+BATCHES = [np.array([0, 1, 2]), np.array([3, 4, 5])]
 
 
 def build():
     from tff_privseg.federated.process import build_process
 
-    cfg = config.from_dict({"data": {"resolution": R}, "model": {"depth": 1}}).replace(
+    cfg = tiny_cfg(
         **{"privacy.level": "none", "train.client_optimizer": "sgd", "train.client_lr": 0.5}
     )
-    process = build_process(cfg, model_fn, loss_fn, SITES, None)
+    process = build_process(cfg, tiny_model, tiny_loss, SITES, None)
     state = process.initialize()
     weights = process.get_model_weights(state)
-    rng = np.random.default_rng(0)  # the same start everywhere (model_fn's init is random)
+    rng = np.random.default_rng(0)  # the same start everywhere (tiny_model's init is random)
     fixed = [(0.3 * rng.standard_normal(np.shape(w))).astype(np.float32) for w in weights.trainable]
     return process, process.set_model_weights(state, weights._replace(trainable=fixed))
 
@@ -288,7 +257,7 @@ def build():
 def run_rounds(rounds: int = 2):
     process, state = build()
     for r in range(rounds):
-        state = process.next(state, site_inputs(r)).state
+        state = process.next(state, tiny_site_inputs(r, BATCHES, SITES)).state
     return [np.asarray(w) for w in process.get_model_weights(state).trainable]
 
 
@@ -310,11 +279,9 @@ def test_site_level_round_with_no_site_drawn_runs_on_two_workers(tff_runtime, wo
     across the workers without failing."""
     from tff_privseg.federated.process import build_process
 
-    cfg = config.from_dict({"data": {"resolution": R}, "model": {"depth": 1}}).replace(
-        **{"privacy.level": "site", "privacy.noise_multiplier": 0.5}
-    )
+    cfg = tiny_cfg(**{"privacy.level": "site", "privacy.noise_multiplier": 0.5})
     with remote_runtime([w.address for w in workers], **_tls(pki)):
-        process = build_process(cfg, model_fn, loss_fn, 1, None)
+        process = build_process(cfg, tiny_model, tiny_loss, 1, None)
         state = process.initialize()
         before = process.get_model_weights(state).trainable
         after = process.get_model_weights(process.next(state, []).state).trainable
@@ -328,7 +295,8 @@ def test_a_worker_killed_mid_run_gives_an_error_naming_it(tff_runtime, workers, 
     assert len(family) >= 3  # the CLI (TLS proxy), the netns bridge, worker_binary
     with remote_runtime([w.address for w in workers], **_tls(pki)):
         process, state = build()
-        state = process.next(state, site_inputs(0)).state  # round 1 on both workers
+        # round 1 on both workers
+        state = process.next(state, tiny_site_inputs(0, BATCHES, SITES)).state
         # SIGKILL (its bridge and worker_binary die with it) while round 2 runs, or, on a
         # fast machine, before a later round: either way that round must fail fast.
         killer = threading.Timer(0.3, victim.stop, args=(signal.SIGKILL,))
@@ -337,7 +305,7 @@ def test_a_worker_killed_mid_run_gives_an_error_naming_it(tff_runtime, workers, 
         try:
             with pytest.raises(UserError, match=re.escape(victim.address)) as err:
                 for r in range(1, 20):
-                    state = process.next(state, site_inputs(r)).state
+                    state = process.next(state, tiny_site_inputs(r, BATCHES, SITES)).state
         finally:
             killer.join()
         assert time.monotonic() - t0 < 60  # fails fast, no endless retry

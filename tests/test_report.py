@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-
-from cli.main import cli
+from conftest import invoke as invoke_cli
 
 
 def fake_run(path: Path, level: str, rounds: int, dice0: float, sigma: float = 1.0) -> Path:
@@ -40,8 +39,7 @@ def fake_run(path: Path, level: str, rounds: int, dice0: float, sigma: float = 1
     return path
 
 
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli, ["report", *map(str, args)])
+invoke = functools.partial(invoke_cli, "report")
 
 
 def is_png(path: Path) -> bool:
