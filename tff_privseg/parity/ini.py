@@ -420,6 +420,11 @@ def when(test: Callable[[Any, _Run], bool], yes: Outcome, no: Outcome) -> Verdic
     return lambda value, run: yes if test(value, run) else no
 
 
+def unless(usual: Any, outcome: Outcome, otherwise: Callable[[Any], Outcome]) -> Verdict:
+    """``outcome`` for the ``usual`` value, ``otherwise(value)`` for any other."""
+    return lambda value, _run: outcome if value == usual else otherwise(value)
+
+
 def on_off(on: Outcome, off: Outcome) -> Verdict:
     return when(lambda value, _run: value, on, off)
 
@@ -628,9 +633,7 @@ def _privacy(run: _Run) -> None:
         )
 
 
-def _microbatch(size: int, _run: _Run) -> Outcome:
-    if size == 1:
-        return "mapped", "per-example clipping, as here"
+def _microbatches(size: int) -> Outcome:
     return (
         "unsupported",
         f"the baseline clips the gradients of {size}-example microbatches (the whole "
@@ -661,9 +664,7 @@ def _weighted_averaging(run: _Run) -> None:
     run.report(sec, key, "mapped", reason, "train.weighting")
 
 
-def _repetitions(repetitions: int, _run: _Run) -> Outcome:
-    if repetitions == 1:
-        return "matched", "data used once per epoch"
+def _repetitions(repetitions: int) -> Outcome:
     return (
         "approximate",
         f"the baseline stores each site's data {repetitions}x (augmented once each) and "
@@ -928,7 +929,11 @@ STEPS: tuple[Step, ...] = (
         ),
     ),
     ignored("DP", "dp_sse_epsilon", "only used by dp_stats_exchange"),
-    Rule("DP", "microbatch_size", _microbatch, read="integer"),
+    Rule(
+        "DP", "microbatch_size",
+        unless(1, ("mapped", "per-example clipping, as here"), _microbatches),
+        read="integer",
+    ),
     # [federated]
     Rule(
         "federated", "sync_every_n_batch",
@@ -957,7 +962,8 @@ STEPS: tuple[Step, ...] = (
     ),
     _weighted_averaging,
     Rule(
-        "federated", "repetitions_dataset", _repetitions,
+        "federated", "repetitions_dataset",
+        unless(1, ("matched", "data used once per epoch"), _repetitions),
         read="integer", fallback="1", valid=lambda n: n >= 1, expected="an integer >= 1",
         keep="repetitions",
     ),
