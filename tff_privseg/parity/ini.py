@@ -395,7 +395,7 @@ class Rule:
     convert: Callable[[Any], Any] | None = None
     keep: str = ""
 
-    def apply(self, run: _Run) -> None:
+    def __call__(self, run: _Run) -> None:
         sec, key = self.section, self.key
         if self.only_present and not run.v.present(sec, key):
             return
@@ -613,7 +613,7 @@ def _weight_classes(run: _Run) -> None:
             "the baseline's segmentation loss (Dice) takes no class weights",
         )  # fmt: skip
     else:
-        _CLASS_WEIGHTS.apply(run)
+        _CLASS_WEIGHTS(run)
 
 
 def _privacy(run: _Run) -> None:
@@ -811,7 +811,7 @@ def _unread(run: _Run) -> None:
 # The table: every key the baseline reads, in the order they are read (a conversion stops at
 # the first bad value, and the defaults it used are listed in this order).
 
-Step = Rule | Callable[[_Run], None]
+Step = Callable[[_Run], None]  # a Rule or a handler
 
 # fmt: off
 STEPS: tuple[Step, ...] = (
@@ -1080,7 +1080,7 @@ def convert_ini(
         augment=augment,
     )
     for step in STEPS:
-        step.apply(run) if isinstance(step, Rule) else step(run)
+        step(run)
     config = config_lib.from_dict(run.out, source=f"{source} (converted)")
     return Conversion(
         source=source,
