@@ -113,6 +113,55 @@ def test_seeded_builds_identical(name):
     assert any(not np.array_equal(wa, wc) for wa, wc in zip(a, c, strict=True))
 
 
+def _norm(name: str) -> list[str]:
+    return [f"{name}/gamma", f"{name}/beta"]
+
+
+def _cne(name: str) -> list[str]:  # MoNet's ConvNormElu
+    return [f"{name}_conv/kernel", *_norm(f"{name}_gn")]
+
+
+def _rddc(name: str) -> list[str]:
+    return [w for d in (4, 3, 2, 1) for w in _cne(f"{name}_d{d}")]
+
+
+def _double(name: str) -> list[str]:  # the U-Net's double conv
+    return [w for i in (1, 2) for w in (f"{name}_conv{i}/kernel", *_norm(f"{name}_gn{i}"))]
+
+
+# The builders' documented layouts (module docstrings), depth 1: checkpoints and exports key on
+# these names, in this order.
+LAYOUTS = {
+    "monet": _cne("enc0_pre") + _rddc("enc0_rddc") + _cne("enc0_down") + _cne("bottleneck_pre")
+    + _rddc("bottleneck_rddc") + _cne("dec0_up") + _cne("dec0_pre") + _rddc("dec0_rddc"),
+    "unet": _double("enc0") + _double("bottleneck") + ["dec0_up/kernel", "dec0_up/bias"]
+    + _double("dec0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["unet", "monet"])
+def test_seeded_weights_follow_the_layout_and_the_seed_derivation(name):
+    """Weight names in the documented order, and every seeded initial value recomputed: the
+    k-th kernel (in build order) is He-normal with seed (seed * 1_000_003 + k * 7_919) mod
+    2**31 - 1, the head Glorot-uniform with the next one; GroupNorm γ = 1, β = 0, biases 0."""
+    seed = 5
+    cfg = ModelConfig(name=name, depth=1, base_filters=4, groups=2, dropout=0.0)
+    model = build_model(cfg, 8, seed=seed)
+    names = [w.name.removesuffix(":0") for w in model.weights]
+    assert names == LAYOUTS[name] + ["head_conv/kernel", "head_conv/bias"]
+    kernels = 0
+    for weight in model.weights:
+        value, shape = weight.numpy(), tuple(weight.shape)
+        if weight.name.endswith("/kernel:0"):
+            kernels += 1
+            derived = (seed * 1_000_003 + kernels * 7_919) % (2**31 - 1)
+            head = weight.name.startswith("head_conv/")
+            init = tf.keras.initializers.GlorotUniform if head else tf.keras.initializers.HeNormal
+            np.testing.assert_array_equal(value, init(seed=derived)(shape))
+        else:
+            np.testing.assert_array_equal(value, np.ones(shape) if "gamma" in weight.name else 0)
+
+
 @pytest.mark.parametrize("name", ["unet", "monet"])
 def test_gradients_reach_every_variable(models, name):
     model = models[name]

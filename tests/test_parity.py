@@ -169,6 +169,76 @@ def test_bad_values_are_one_line_errors(tmp_path):
     assert r.exit_code == 2 and "not found" in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[config]\nbatch_size = 0\n", "[config] batch_size = '0': expected an integer >= 1"),
+        ("[config]\nepochs = 2.5\n", "[config] epochs = '2.5': expected an integer"),
+        ("[config]\nepochs = 0\n", "[config] epochs = '0': expected an integer >= 1"),
+        ("[config]\nvalidation_split = 100\n", "expected a percentage in [0, 100)"),
+        ("[config]\nlr = 1e-3\nend_lr = 0\n", "[config] lr and end_lr must be > 0"),
+        ("[config]\nweight_decay = -1\n", "[config] weight_decay = '-1': expected a number >= 0"),
+        ("[config]\nbinary_segmentation = maybe\n", "expected yes/no (or true/false"),
+        ("[DP]\nnoise_multiplier = inf\n", "noise_multiplier = 'inf': expected a finite number"),
+        ("[DP]\ntarget_delta = 1\n", "[DP] target_delta = '1': expected a number > 0 and < 1"),
+        ("[DP]\nmax_grad_norm = 0\n", "[DP] max_grad_norm = '0': expected a number > 0"),
+        ("[federated]\nsync_every_n_batch = 0\n", "expected an integer >= 1"),
+        ("[federated]\nrepetitions_dataset = 0\n", "repetitions_dataset = '0': expected an"),
+        # the first bad key in the baseline's reading order is the one named
+        ("[config]\nseed = x\nbatch_size = x\n", "[config] batch_size = 'x'"),
+        ("[augmentation]\nnoise_std = 0.1\n", "[augmentation] noise_prob = '': expected a finite"),
+    ],
+)
+def test_each_bad_value_is_named_in_one_line(tmp_path, text, message):
+    with pytest.raises(UserError) as raised:
+        convert_ini(write_ini(tmp_path, text))
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_coupled_keys_depend_on_the_keys_they_read(tmp_path):
+    """Keys whose meaning depends on others: privacy layout, optimizer, model, schedule, noise."""
+    path = write_ini(
+        tmp_path,
+        "[config]\ndifferentially_private = yes\noptimizer = RMSprop\nmodel = unet\n"
+        "end_lr = 1e-4\nrestarts = 2\ninference_resolution = 256\nbinary_segmentation = no\n"
+        "weight_classes = yes\n[augmentation]\nrotation = 190\nnoise_std = 0.1\n"
+        "noise_prob = 2\n[DP]\nmicrobatch_size = 4\n",
+    )
+    conv = convert_ini(path, slices_per_site=100)
+    by_key = {(k.section, k.key): k for k in conv.keys}
+    assert conv.config.privacy.level == "sample"  # read from [config]: the older layout
+    assert any("older INI layout" in n for n in conv.notes)
+    assert any("No [federated] section" in n for n in conv.notes)
+    assert not any("Learning-rate schedule" in n for n in conv.notes)  # needs [federated]
+    assert conv.config.train.client_optimizer == "adam"
+    assert by_key["config", "optimizer"].status == "unsupported"
+    assert (conv.config.model.name, conv.config.model.depth) == ("unet", 3)
+    assert "decay 3 times" in by_key["config", "restarts"].reason
+    assert by_key["config", "inference_resolution"].status == "matched"
+    assert by_key["config", "weight_classes"].status == "unsupported"  # not binary
+    assert by_key["augmentation", "rotation"].reason.startswith("190 is outside [0, 180)")
+    assert conv.config.data.augment.rotation == 0
+    assert by_key["augmentation", "noise_prob"].status == "unsupported"  # [augmentation] read
+    assert conv.config.data.augment.noise_std == 0
+    assert "4-example microbatches" in by_key["DP", "microbatch_size"].reason
+
+    path = write_ini(
+        tmp_path,
+        "[config]\nend_lr = 1e-4\nmodel = ResNet18\n[federated]\nrepetitions_dataset = 2\n"
+        "sync_every_n_batch = 3\n[DP]\ndifferentially_private = no\n",
+        "second.ini",
+    )
+    conv = convert_ini(path, slices_per_site=100)
+    by_key = {(k.section, k.key): k for k in conv.keys}
+    assert any("Learning-rate schedule" in n for n in conv.notes)
+    assert by_key["config", "model"].status == "unsupported" and conv.config.model.name == "monet"
+    assert by_key["federated", "repetitions_dataset"].target == "train.rounds"
+    # ceil(2 x 100 / 32) = 7 batches per epoch, every 3 -> 3 rounds per epoch, 50 // 2 epochs
+    assert (conv.config.train.rounds, conv.config.train.local_steps) == (75, 3)
+    assert conv.config.privacy.level == "none"
+    assert conv.defaults[0] == "[config] optimizer = Adam"  # listed in the order they are read
+
+
 def test_cli_from_ini_writes_toml_atomically_and_reports(tmp_path):
     out = tmp_path / "my.toml"
     r = invoke("config", "from-ini", str(INI), "--out", str(out), "--slices-per-site", "885")

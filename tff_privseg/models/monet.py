@@ -40,10 +40,11 @@ import tensorflow as tf
 
 from tff_privseg.models._layers import (
     Initializers,
-    attach_meta,
-    check_resolution,
-    group_norm,
-    head,
+    build_args,
+    conv_norm_act,
+    finish,
+    image_input,
+    spatial_dropout,
 )
 
 RDDC_DILATIONS = (4, 3, 2, 1)
@@ -58,25 +59,13 @@ def _conv_norm_elu(
     kernel_size: int = 3,
     strides: int = 1,
     dilation: int = 1,
+    transpose: bool = False,
 ) -> tf.Tensor:
-    x = tf.keras.layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        dilation_rate=dilation,
-        padding="same",
-        use_bias=False,
-        kernel_initializer=init.kernel(),
-        name=f"{name}_conv",
-    )(x)
-    x = group_norm(x, groups, name=f"{name}_gn")
-    return tf.keras.layers.ELU(name=f"{name}_elu")(x)
-
-
-def _dropout(x: tf.Tensor, rate: float, init: Initializers, name: str) -> tf.Tensor:
-    if rate <= 0:
-        return x
-    return tf.keras.layers.SpatialDropout2D(rate, seed=init.dropout_seed(), name=name)(x)
+    """ConvNormElu: layers ``{name}_conv``, ``{name}_gn``, ``{name}_elu``."""
+    names = (f"{name}_conv", f"{name}_gn", f"{name}_elu")
+    return conv_norm_act(
+        x, filters, kernel_size, groups, init, names, "elu", strides, dilation, transpose
+    )
 
 
 def rddc_block(
@@ -87,12 +76,12 @@ def rddc_block(
         raise ValueError(f"{name}: RDDC input has {x.shape[-1]} channels, expected {filters}")
     d4, d3, d2, d1 = RDDC_DILATIONS
     a = _conv_norm_elu(x, filters, groups, init, f"{name}_d{d4}", dilation=d4)
-    a = _dropout(a, dropout, init, f"{name}_drop1")
+    a = spatial_dropout(a, dropout, init, f"{name}_drop1")
     b = tf.keras.layers.Add(name=f"{name}_add1")([a, x])
     b = _conv_norm_elu(b, filters, groups, init, f"{name}_d{d3}", dilation=d3)
-    b = _dropout(b, dropout, init, f"{name}_drop2")
+    b = spatial_dropout(b, dropout, init, f"{name}_drop2")
     c = _conv_norm_elu(b, filters, groups, init, f"{name}_d{d2}", dilation=d2)
-    c = _dropout(c, dropout, init, f"{name}_drop3")
+    c = spatial_dropout(c, dropout, init, f"{name}_drop3")
     c = tf.keras.layers.Add(name=f"{name}_add2")([c, b])
     c = _conv_norm_elu(c, filters, groups, init, f"{name}_d{d1}", dilation=d1)
     return tf.keras.layers.Add(name=f"{name}_residual")([x, c])
@@ -122,14 +111,10 @@ def monet(
       seed: with a seed, every initialiser is seeded so two builds are identical.
       name: Keras model name.
     """
-    check_resolution(resolution, depth, "monet")
-    if base_filters < 1:
-        raise ValueError(f"monet: base_filters must be >= 1, got {base_filters}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"monet: dropout must be in [0, 1), got {dropout}")
+    meta = build_args("monet", resolution, depth, base_filters, groups, dropout, num_classes)
     init = Initializers(seed)
 
-    inputs = tf.keras.Input(shape=(resolution, resolution, 1), name="image")
+    inputs = image_input(resolution)
     x = inputs
     skips = []
     for level in range(depth):
@@ -145,32 +130,11 @@ def monet(
 
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
-        x = tf.keras.layers.Conv2DTranspose(
-            int(x.shape[-1]),
-            4,
-            strides=2,
-            padding="same",
-            use_bias=False,
-            kernel_initializer=init.kernel(),
-            name=f"dec{level}_up_conv",
-        )(x)
-        x = group_norm(x, groups, name=f"dec{level}_up_gn")
-        x = tf.keras.layers.ELU(name=f"dec{level}_up_elu")(x)
+        up = f"dec{level}_up"
+        x = _conv_norm_elu(x, int(x.shape[-1]), groups, init, up, 4, strides=2, transpose=True)
         if skip_connections:
             x = tf.keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
         x = _conv_norm_elu(x, filters, groups, init, f"dec{level}_pre")
         x = rddc_block(x, filters, groups, dropout, init, f"dec{level}_rddc")
 
-    outputs = head(x, num_classes, init)
-    model = tf.keras.Model(inputs, outputs, name=name)
-    return attach_meta(
-        model,
-        name="monet",
-        resolution=resolution,
-        depth=depth,
-        base_filters=base_filters,
-        groups=groups,
-        dropout=dropout,
-        num_classes=num_classes,
-        skip_connections=skip_connections,
-    )
+    return finish(inputs, x, init, name, {**meta, "skip_connections": skip_connections})

@@ -23,10 +23,11 @@ import tensorflow as tf
 
 from tff_privseg.models._layers import (
     Initializers,
-    attach_meta,
-    check_resolution,
-    group_norm,
-    head,
+    build_args,
+    conv_norm_act,
+    finish,
+    image_input,
+    spatial_dropout,
 )
 
 
@@ -38,22 +39,11 @@ def _double_conv(
     name: str,
     dropout: float = 0.0,
 ) -> tf.Tensor:
+    """[Conv3x3 -> GroupNorm -> ReLU] x 2 -> SpatialDropout2D: [B, H, W, C] -> [B, H, W, F]."""
     for i in (1, 2):
-        x = tf.keras.layers.Conv2D(
-            filters,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer=init.kernel(),
-            name=f"{name}_conv{i}",
-        )(x)
-        x = group_norm(x, groups, name=f"{name}_gn{i}")
-        x = tf.keras.layers.ReLU(name=f"{name}_relu{i}")(x)
-    if dropout > 0:
-        x = tf.keras.layers.SpatialDropout2D(
-            dropout, seed=init.dropout_seed(), name=f"{name}_dropout"
-        )(x)
-    return x
+        names = (f"{name}_conv{i}", f"{name}_gn{i}", f"{name}_relu{i}")
+        x = conv_norm_act(x, filters, 3, groups, init, names, "relu")
+    return spatial_dropout(x, dropout, init, f"{name}_dropout")
 
 
 def unet(
@@ -87,16 +77,12 @@ def unet(
       An uncompiled functional ``tf.keras.Model`` mapping (B, R, R, 1) float images to
       (B, R, R, C) float32 probabilities.
     """
-    check_resolution(resolution, depth, "unet")
-    if base_filters < 1:
-        raise ValueError(f"unet: base_filters must be >= 1, got {base_filters}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"unet: dropout must be in [0, 1), got {dropout}")
+    meta = build_args("unet", resolution, depth, base_filters, groups, dropout, num_classes)
     if downsample not in ("maxpool", "conv"):
         raise ValueError(f"unet: downsample must be 'maxpool' or 'conv', got {downsample!r}")
     init = Initializers(seed)
 
-    inputs = tf.keras.Input(shape=(resolution, resolution, 1), name="image")
+    inputs = image_input(resolution)
     x = inputs
     skips = []
     for level in range(depth):
@@ -106,17 +92,8 @@ def unet(
         if downsample == "maxpool":
             x = tf.keras.layers.MaxPool2D(2, name=f"enc{level}_pool")(x)
         else:
-            x = tf.keras.layers.Conv2D(
-                filters,
-                3,
-                strides=2,
-                padding="same",
-                use_bias=False,
-                kernel_initializer=init.kernel(),
-                name=f"enc{level}_down",
-            )(x)
-            x = group_norm(x, groups, name=f"enc{level}_down_gn")
-            x = tf.keras.layers.ReLU(name=f"enc{level}_down_relu")(x)
+            names = (f"enc{level}_down", f"enc{level}_down_gn", f"enc{level}_down_relu")
+            x = conv_norm_act(x, filters, 3, groups, init, names, "relu", strides=2)
 
     width = bottleneck_filters or base_filters * 2 ** (depth - 1)
     x = _double_conv(x, width, groups, init, "bottleneck", dropout)
@@ -134,17 +111,5 @@ def unet(
         x = tf.keras.layers.Concatenate(name=f"dec{level}_concat")([x, skips[level]])
         x = _double_conv(x, filters, groups, init, f"dec{level}", dropout)
 
-    outputs = head(x, num_classes, init)
-    model = tf.keras.Model(inputs, outputs, name=name)
-    return attach_meta(
-        model,
-        name="unet",
-        resolution=resolution,
-        depth=depth,
-        base_filters=base_filters,
-        groups=groups,
-        dropout=dropout,
-        num_classes=num_classes,
-        downsample=downsample,
-        bottleneck_filters=width,
-    )
+    meta.update(downsample=downsample, bottleneck_filters=width)
+    return finish(inputs, x, init, name, meta)

@@ -163,15 +163,20 @@ def _append_row(path: Path, row: dict[str, str]) -> bool:
         raise UserError(f"cannot append ({e.strerror or e})", path) from None
 
 
+def read_text(path: Path, missing: str = "file not found") -> str:
+    """The UTF-8 text of one of the baseline's files (a BOM dropped); one-line errors."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(missing, path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read ({e})", path) from None
+
+
 def read_completed_trainings(path: str | Path) -> list[dict[str, str]]:
     """All rows of a completed_trainings.csv (ours or the baseline's) as column -> cell."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError("file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read ({e})", path) from None
+    text = read_text(path)
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
     except csv.Error as e:
@@ -259,4 +264,5 @@ __all__ = [
     "flatten_config",
     "parse_baseline_log",
     "read_completed_trainings",
+    "read_text",
 ]

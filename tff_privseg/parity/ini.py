@@ -44,6 +44,7 @@ from typing import Any, Literal
 from tff_privseg import config as config_lib
 from tff_privseg.config import Config
 from tff_privseg.errors import UserError
+from tff_privseg.parity.baseline_format import read_text
 
 Status = Literal["mapped", "approximate", "matched", "ignored", "unsupported", "unknown"]
 HONOURED: tuple[Status, ...] = ("mapped", "approximate", "matched")
@@ -260,12 +261,7 @@ def read_ini(path: str | Path) -> dict[str, dict[str, str]]:
         interpolation=None,
         strict=False,
     )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError("INI file not found", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read ({e})", path) from None
+    text = read_text(path, "INI file not found")
     try:
         parser.read_string(text, source=str(path))
     except configparser.Error as e:
@@ -301,7 +297,7 @@ class _Values:
             return BASELINE_DEFAULTS[section][key]
         return default
 
-    def _bad(self, section: str, key: str, what: str) -> UserError:
+    def bad(self, section: str, key: str, what: str) -> UserError:
         value = self.ini.get(section, {}).get(key, "")
         return UserError(f"[{section}] {key} = {value!r}: expected {what}", self.source)
 
@@ -309,7 +305,7 @@ class _Values:
         value = self.raw(section, key, default)
         states = configparser.ConfigParser.BOOLEAN_STATES
         if value is None or value.lower() not in states:
-            raise self._bad(section, key, "yes/no (or true/false, on/off, 1/0)")
+            raise self.bad(section, key, "yes/no (or true/false, on/off, 1/0)")
         return states[value.lower()]
 
     def number(self, section: str, key: str, default: str | None = None) -> float:
@@ -317,16 +313,744 @@ class _Values:
         try:
             out = float(value) if value is not None else math.nan
         except ValueError:
-            raise self._bad(section, key, "a number") from None
+            raise self.bad(section, key, "a number") from None
         if not math.isfinite(out):
-            raise self._bad(section, key, "a finite number")
+            raise self.bad(section, key, "a finite number")
         return out
 
     def integer(self, section: str, key: str, default: str | None = None) -> int:
         value = self.number(section, key, default)
         if value != int(value):
-            raise self._bad(section, key, "an integer")
+            raise self.bad(section, key, "an integer")
         return int(value)
+
+
+@dataclass
+class _Run:
+    """One conversion in progress: the INI, the config dict written, the reports and notes, and
+    the values that other keys depend on (set by the rules and handlers as they go)."""
+
+    ini: dict[str, dict[str, str]]
+    v: _Values
+    out: dict[str, Any]
+    slices_per_site: int | None
+    augment: bool
+    reports: dict[tuple[str, str], KeyReport] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    aug: dict[str, float] = field(default_factory=dict)  # data.augment, written at the end
+    schedule: dict[str, Any] = field(default_factory=dict)
+    dp_section: str = "DP"
+    dp: bool = False
+    optimizer: str = "Adam"
+    binary: bool = True
+    keep_optim: bool = False
+    resolution: int = 0
+    batch: int = 0
+    sync: int = 1
+    repetitions: int = 1
+    mixup: bool = False
+
+    @property
+    def inactive(self) -> str:
+        return "" if self.dp else " (inactive: DP is off)"
+
+    def put(self, dotted: str, value: Any) -> None:
+        node = self.out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def report(self, section: str, key: str, status: Status, reason: str, target: str = "") -> None:
+        if not self.v.present(section, key):
+            return  # absent keys are listed under `defaults`, not as INI keys
+        value = self.ini[section][key]
+        self.reports[(section, key)] = KeyReport(section, key, value, status, target, reason)
+
+
+Outcome = tuple[Status, str] | tuple[Status, str, str]  # status, reason[, target named]
+Verdict = Callable[[Any, _Run], Outcome]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one INI key is read, checked, written to our config and reported.
+
+    ``read`` parses the value (the baseline's default, else ``fallback``, when absent; nothing
+    at all when ``only_present``); a value failing ``valid`` is the error "expected
+    ``expected``"; ``target`` receives ``convert(value)``; ``keep`` names the ``_Run`` field
+    that keeps the value for coupled keys; ``verdict(value, run)`` gives the status, the
+    reason and, when it differs from ``target``, the target the report names.
+    """
+
+    section: str
+    key: str
+    verdict: Verdict
+    read: Literal["boolean", "number", "integer"] | None = None
+    fallback: str | None = None
+    only_present: bool = False
+    valid: Callable[[Any], bool] | None = None
+    expected: str = ""
+    target: str = ""
+    convert: Callable[[Any], Any] | None = None
+    keep: str = ""
+
+    def __call__(self, run: _Run) -> None:
+        sec, key = self.section, self.key
+        if self.only_present and not run.v.present(sec, key):
+            return
+        value = getattr(run.v, self.read)(sec, key, self.fallback) if self.read else None
+        if self.valid is not None and not self.valid(value):
+            raise run.v.bad(sec, key, self.expected)
+        if self.keep:
+            setattr(run, self.keep, value)
+        if self.target:
+            run.put(self.target, self.convert(value) if self.convert else value)
+        status, reason, *named = self.verdict(value, run)
+        run.report(sec, key, status, reason, named[0] if named else self.target)
+
+
+def fixed(status: Status, reason: str, *target: str) -> Verdict:
+    """The same report whatever the value (naming ``target`` instead of the rule's, if given)."""
+    return lambda _value, _run: (status, reason, *target)
+
+
+def when(test: Callable[[Any, _Run], bool], yes: Outcome, no: Outcome) -> Verdict:
+    """One report or the other, by ``test(value, run)``."""
+    return lambda value, run: yes if test(value, run) else no
+
+
+def unless(usual: Any, outcome: Outcome, otherwise: Callable[[Any], Outcome]) -> Verdict:
+    """``outcome`` for the ``usual`` value, ``otherwise(value)`` for any other."""
+    return lambda value, _run: outcome if value == usual else otherwise(value)
+
+
+def on_off(on: Outcome, off: Outcome) -> Verdict:
+    return when(lambda value, _run: value, on, off)
+
+
+def feature(what: str, why_unsupported: str) -> Verdict:
+    """An on/off feature we do not have: off -> matched, on -> unsupported."""
+    return on_off(
+        ("unsupported", f"{what}: {why_unsupported}"),
+        ("matched", f"{what} is off; not available here either"),
+    )
+
+
+def ignored(section: str, key: str, reason: str) -> Rule:
+    """A key that changes nothing here; its value is not even parsed."""
+    return Rule(section, key, fixed("ignored", reason))
+
+
+def switch(section: str, key: str, verdict: Verdict) -> Rule:
+    """A yes/no key, reported only when the INI sets it."""
+    return Rule(section, key, verdict, read="boolean", only_present=True)
+
+
+def positive(section: str, key: str, above: Outcome, otherwise: Outcome) -> Rule:
+    """A number whose report depends on whether it is > 0, only when the INI sets it."""
+    verdict = when(lambda x, _run: x > 0, above, otherwise)
+    return Rule(section, key, verdict, read="number", only_present=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers for the keys whose meaning depends on other keys
+
+
+def _context(run: _Run) -> None:
+    """Privacy on/off and the optimizer: several [config] keys depend on them."""
+    v = run.v
+    old_layout = v.present("config", "differentially_private")
+    run.dp_section = (
+        "config" if old_layout and not v.present("DP", "differentially_private") else "DP"
+    )
+    run.dp = v.boolean(run.dp_section, "differentially_private")
+    run.optimizer = (v.raw("config", "optimizer") or "Adam").strip()
+
+
+def _binary_segmentation(run: _Run) -> None:
+    sec = "config"
+    run.binary = run.v.boolean(sec, "binary_segmentation")
+    run.put("data.labels", "binary")
+    if run.binary:
+        run.put("data.foreground_labels", [1, 2])
+        run.put("data.num_classes", 2)
+        run.report(
+            sec, "binary_segmentation", "mapped",
+            "liver and tumour merged into one foreground class",
+            "data.labels, data.foreground_labels",
+        )  # fmt: skip
+    else:
+        run.report(
+            sec, "binary_segmentation", "unsupported",
+            "'no' selects the baseline's chest X-ray classification pipeline; this system "
+            "segments, so labels stay binary liver + tumour",
+            "data.labels",
+        )  # fmt: skip
+
+
+def _inference_resolution(size: int, run: _Run) -> Outcome:
+    if size == run.resolution:
+        return "matched", "equal to train_resolution: slices are only resized, as here"
+    return (
+        "unsupported",
+        f"the baseline resizes to {size} and then crops {run.resolution}x{run.resolution} "
+        "(randomly in training, centred in validation); here slices are resized "
+        "straight to train_resolution",
+    )
+
+
+def _learning_rate(run: _Run) -> None:
+    """lr and end_lr -> the schedule; keep_optim_dict decides whether the baseline applies it."""
+    v, sec = run.v, "config"
+    lr = v.number(sec, "lr")
+    end_lr = v.number(sec, "end_lr") if v.present(sec, "end_lr") else lr
+    if lr <= 0 or end_lr <= 0:
+        raise UserError("[config] lr and end_lr must be > 0", v.source)
+    run.put("train.client_lr", lr)
+    run.report(sec, "lr", "mapped", "client (site) learning rate", "train.client_lr")
+    run.keep_optim = v.present("federated", "keep_optim_dict") and v.boolean(
+        "federated", "keep_optim_dict"
+    )
+    run.put("train.end_lr", end_lr)
+    if math.isclose(end_lr, lr):
+        run.put("train.lr_schedule", "constant")
+        run.report(sec, "end_lr", "mapped", "equal to lr: constant rate", "train.lr_schedule")
+        return
+    run.put("train.lr_schedule", "loglinear")
+    run.report(
+        sec, "end_lr", "approximate",
+        "log-linear decay from lr to end_lr, stepped per round here, per epoch in the baseline",
+        "train.end_lr, train.lr_schedule",
+    )  # fmt: skip
+    if "federated" in run.ini and not run.keep_optim:
+        run.notes.append(
+            "Learning-rate schedule: in the baseline's federated training with "
+            "keep_optim_dict = no, every synchronisation re-creates the sites' optimizers "
+            "with lr (torchlib/utils.py, secure_aggregation_epoch), so its log-linear "
+            "schedule never reaches the optimizer and training runs at the constant lr. The "
+            "converted config applies the schedule the INI asks for; set "
+            'train.lr_schedule = "constant" to reproduce the baseline\'s effective rate.'
+        )
+
+
+def _restarts(restarts: int, _run: _Run) -> Outcome:
+    if restarts <= 0:
+        return "matched", "no warm restarts, as here"
+    return (
+        "unsupported",
+        f"warm restarts: the baseline runs the lr -> end_lr decay {restarts + 1} times, "
+        f"each over epochs / {restarts + 1}; the schedule here decays once over all rounds",
+    )
+
+
+def _adam_moments(run: _Run) -> None:
+    adam = run.optimizer.lower() == "adam"
+    for key in ("beta1", "beta2"):
+        if adam:
+            run.put(f"train.{key}", run.v.number("config", key))
+            run.report("config", key, "mapped", "Adam moment decay", f"train.{key}")
+        else:
+            run.report("config", key, "ignored", f"only used by Adam (optimizer = {run.optimizer})")
+
+
+def _optimizer(run: _Run) -> None:
+    name = run.optimizer.lower()
+    if name in ("adam", "sgd"):
+        run.put("train.client_optimizer", name)
+        run.report("config", "optimizer", "mapped", "client optimizer", "train.client_optimizer")
+        return
+    run.put("train.client_optimizer", "adam")
+    run.report(
+        "config", "optimizer", "unsupported",
+        "the baseline knows only Adam and SGD; written as adam",
+        "train.client_optimizer",
+    )  # fmt: skip
+
+
+MODELS: dict[str, tuple[dict[str, Any], str]] = {
+    "monet": (
+        BASELINE_PRESET["model"],
+        "the study's MoNet (depth 2, 16-32-64 filters, GroupNorm 32, dropout 0.2); its skip "
+        "connections work here but never fire in the baseline (a key-name bug, see "
+        "tff_privseg/models/monet.py)",
+    ),
+    "unet": (
+        UNET_PRESET,
+        "a plain GroupNorm U-Net (depth 3, 16 filters) instead of segmentation_models_pytorch"
+        "'s Unet with a ResNet-18 encoder",
+    ),
+}
+
+
+def _model(run: _Run) -> None:
+    """MoNet or U-Net -> that preset unless the base config already builds that model."""
+    model = (run.v.raw("config", "model") or "MoNet").strip()
+    if model.lower() not in MODELS:
+        run.report(
+            "config", "model", "unsupported",
+            f"{model} is one of the baseline's classification networks; the model stays "
+            f"{run.out.get('model', {}).get('name', 'monet')}",
+        )  # fmt: skip
+        return
+    preset, reason = MODELS[model.lower()]
+    if run.out.get("model", {}).get("name") != preset["name"]:
+        run.out["model"] = dict(preset)
+    run.report("config", "model", "approximate", reason, "model")
+
+
+_CLASS_WEIGHTS = switch(
+    "config", "weight_classes", feature("class-weighted loss", "not available here")
+)
+
+
+def _weight_classes(run: _Run) -> None:
+    if not run.v.present("config", "weight_classes"):
+        return
+    if run.binary:
+        run.report(
+            "config", "weight_classes", "ignored",
+            "the baseline's segmentation loss (Dice) takes no class weights",
+        )  # fmt: skip
+    else:
+        _CLASS_WEIGHTS(run)
+
+
+def _privacy(run: _Run) -> None:
+    """differentially_private, from [DP] or (older INIs) [config]."""
+    run.put("privacy.level", "sample" if run.dp else "none")
+    reason = "sample-level DP-SGD at every site" if run.dp else "no differential privacy"
+    run.report(run.dp_section, "differentially_private", "mapped", reason, "privacy.level")
+    if run.dp_section == "DP" and run.v.present("config", "differentially_private"):
+        run.report(
+            "config", "differentially_private", "ignored",
+            "superseded by [DP] differentially_private (the baseline reads only [DP])",
+        )  # fmt: skip
+    elif run.dp_section == "config":
+        run.notes.append(
+            "differentially_private was read from [config] (an older INI layout); the "
+            "current baseline reads it from [DP] only and would train without DP here."
+        )
+
+
+def _microbatches(size: int) -> Outcome:
+    return (
+        "unsupported",
+        f"the baseline clips the gradients of {size}-example microbatches (the whole "
+        "batch when equal to batch_size) and scales the noise accordingly; here clipping "
+        "is always per example (microbatch 1), a stronger guarantee at the same σ",
+    )
+
+
+def _weighted_averaging(run: _Run) -> None:
+    sec, key = "federated", "weighted_averaging"
+    weighted = run.v.boolean(sec, key)
+    if weighted and run.dp:
+        run.put("train.weighting", "uniform")
+        run.report(
+            sec, key, "unsupported",
+            "with privacy on, weighting must be 'uniform': a site's example count changes "
+            "with one record and is not covered by the DP guarantee (config.validate); "
+            "written as uniform",
+            "train.weighting",
+        )  # fmt: skip
+        return
+    run.put("train.weighting", "examples" if weighted else "uniform")
+    reason = (
+        "sites weighted by their size (the baseline: by batches per epoch)"
+        if weighted
+        else "every site weighs the same"
+    )
+    run.report(sec, key, "mapped", reason, "train.weighting")
+
+
+def _repetitions(repetitions: int) -> Outcome:
+    return (
+        "approximate",
+        f"the baseline stores each site's data {repetitions}x (augmented once each) and "
+        f"divides epochs by {repetitions}; the total number of batches is the same and "
+        "train.rounds accounts for it; batches here are drawn afresh anyway",
+        "train.rounds",
+    )
+
+
+def _no_federated_section(run: _Run) -> None:
+    if "federated" not in run.ini:
+        run.notes.append(
+            "No [federated] section: the baseline trains such an INI centrally unless run with "
+            "--train_federated; converted as federated training with sync_every_n_batch = 1."
+        )
+
+
+# key, [low, high) (rotation: [low, high]), what the value is, what an out-of-range one does
+AUGMENT_RANGES = (
+    ("rotation", 0.0, 180.0, "degrees", "is not a rotation range"),
+    ("translate", 0.0, 0.5, "fraction of the image size", "shifts slices out of view"),
+    ("scale", 0.0, 1.0, "zoom in [1 - scale, 1 + scale]", "zooms slices to nothing"),
+)
+
+
+def _augment_ranges(run: _Run) -> None:
+    for key, lo, hi, what, effect in AUGMENT_RANGES:
+        value = run.v.number("augmentation", key)
+        target = f"data.augment.{key}"
+        if not lo <= value < hi and not (key == "rotation" and value == hi):
+            run.aug[key] = 0.0
+            run.report(
+                "augmentation", key, "unsupported",
+                f"{value:g} is outside [{lo:g}, {hi:g}) ({what}): {effect} (the baseline's "
+                "federated segmentation never applies it); written as 0",
+                target,
+            )  # fmt: skip
+        else:
+            run.aug[key] = value
+            run.report(
+                "augmentation", key, "approximate" if value else "mapped",
+                f"{what}; the baseline's albumentations ShiftScaleRotate applies it to half the "
+                "slices (p = 0.5) with reflected borders, here to every slice with zero fill"
+                if value
+                else "off",
+                target,
+            )  # fmt: skip
+
+
+def _noise(run: _Run) -> None:
+    """Gaussian noise, from [albumentations] (where the baseline reads it) or [augmentation]."""
+    v = run.v
+    section = (
+        "albumentations"
+        if v.present("albumentations", "noise_std") or not v.present("augmentation", "noise_std")
+        else "augmentation"
+    )
+    noise_std = v.number(section, "noise_std")
+    noise_prob = v.number(section, "noise_prob")
+    if noise_std < 0 or not 0 <= noise_prob <= 1:
+        run.aug["noise_std"], run.aug["noise_prob"] = 0.0, 0.0
+        status: Status = "unsupported"
+        reason = "needs noise_std >= 0 and noise_prob in [0, 1]; noise written as off"
+    else:
+        run.aug["noise_std"], run.aug["noise_prob"] = noise_std, noise_prob
+        active = noise_std > 0 and noise_prob > 0
+        status = "approximate" if active else "mapped"
+        reason = (
+            "Gaussian noise; the baseline's albumentations GaussNoise(var_limit = noise_std²) "
+            "acts on 0-255 images (σ up to noise_std grey levels, about noise_std / 255 on our "
+            "[0, 1] slices); here σ = noise_std on [0, 1] slices"
+            if active
+            else "no noise"
+        )
+    for key in ("noise_std", "noise_prob"):
+        run.report(section, key, status, reason, f"data.augment.{key}")
+        if section == "albumentations":
+            run.report(
+                "augmentation", key, "ignored",
+                "superseded by [albumentations] (where the baseline reads it)",
+            )  # fmt: skip
+
+
+def _write_augmentation(run: _Run) -> None:
+    """data.augment, or nothing with ``augment=False`` (the baseline's federated path)."""
+    if not run.augment:
+        run.aug = dict.fromkeys(("rotation", "translate", "scale", "noise_std", "noise_prob"), 0.0)
+        run.notes.append(
+            "--no-augment: no augmentation written, whatever the INI says (what the baseline's "
+            "federated segmentation path actually does)."
+        )
+    for key, value in run.aug.items():
+        run.put(f"data.augment.{key}", value)
+    if run.augment and any(run.aug.values()):
+        run.notes.append(
+            "Augmentation: the baseline's federated segmentation path (setup_pysyft) applies "
+            "no augmentation at all (Resize + RandomCrop + Normalize only; its segmentation.ini "
+            "marks [augmentation] and [albumentations] ';not used'); the converted config "
+            "applies what the INI asks for. Convert with --no-augment for the baseline's actual "
+            "behaviour."
+        )
+
+
+def _epochs(run: _Run) -> None:
+    """epochs -> train.rounds and train.local_steps (see the module docstring)."""
+    epochs = run.v.integer("config", "epochs")
+    if epochs < 1:
+        raise run.v.bad("config", "epochs", "an integer >= 1")
+    slices = run.slices_per_site
+    run.schedule = _rounds(epochs, run.sync, run.repetitions, run.batch, slices)
+    run.put("train.rounds", run.schedule["rounds"])
+    run.put("train.local_steps", run.schedule["local_steps"])
+    run.put("train.local_epochs", 0)
+    explanation = run.schedule["explanation"]
+    run.report(
+        "config", "epochs",
+        "mapped" if slices else "approximate",
+        explanation if slices
+        else explanation + " (pass --slices-per-site or --data for the exact count)",
+        "train.rounds, train.local_steps",
+    )  # fmt: skip
+
+
+def _unread(run: _Run) -> None:
+    """What no rule reported: empty known keys (defaults apply) and unknown keys."""
+    for section, keys in run.ini.items():
+        for key, value in keys.items():
+            if (section, key) in run.reports:
+                continue
+            if value == "" and key in KNOWN_KEYS.get(section, ()):
+                run.reports[(section, key)] = KeyReport(
+                    section, key, value, "ignored", "",
+                    "empty: the baseline falls back to its default, and so does the conversion",
+                )  # fmt: skip
+                continue
+            if section in SECTIONS:
+                why = f"not a key the baseline reads in [{section}]; nothing done"
+            else:
+                why = f"[{section}] is not a section the baseline reads; nothing done"
+            run.reports[(section, key)] = KeyReport(section, key, value, "unknown", "", why)
+
+
+# --------------------------------------------------------------------------------------------
+# The table: every key the baseline reads, in the order they are read (a conversion stops at
+# the first bad value, and the defaults it used are listed in this order).
+
+Step = Callable[[_Run], None]  # a Rule or a handler
+
+# fmt: off
+STEPS: tuple[Step, ...] = (
+    _context,
+    # [config]
+    _binary_segmentation,
+    Rule(
+        "config", "batch_size", read="integer", valid=lambda n: n >= 1,
+        expected="an integer >= 1", target="train.batch_size", keep="batch",
+        verdict=lambda _n, run: (
+            "mapped",
+            "expected (Poisson) batch size, sampling rate batch_size / site slices, as the "
+            "baseline's Poisson loader under DP" if run.dp else "local batch size",
+        ),
+    ),
+    Rule(
+        "config", "train_resolution", fixed("mapped", "slices resized to this size"),
+        read="integer", target="data.resolution", keep="resolution",
+    ),
+    Rule(
+        "config", "inference_resolution", _inference_resolution,
+        read="integer", only_present=True,
+    ),
+    ignored("config", "test_batch_size", "evaluation batch size: does not change results"),
+    ignored(
+        "config", "test_interval",
+        "validation runs after every round here; the baseline validates every test_interval "
+        "epochs and tests the best epoch's checkpoint",
+    ),
+    Rule(
+        "config", "validation_split",
+        fixed("mapped", "percent of each site's training patients held out for validation"),
+        read="number", valid=lambda p: 0 <= p < 100, expected="a percentage in [0, 100)",
+        target="data.val_fraction", convert=lambda p: p / 100.0,
+    ),
+    _learning_rate,
+    Rule("config", "restarts", _restarts, read="integer"),
+    _adam_moments,
+    Rule(
+        "config", "weight_decay",
+        when(
+            lambda wd, _run: wd == 0,
+            ("mapped", "no weight decay"),
+            (
+                "approximate",
+                "torch's optimizers add weight_decay * w to the gradient (L2, coupled, after "
+                "the DP noise); here weight decay is decoupled (AdamW style)",
+            ),
+        ),
+        read="number", valid=lambda wd: wd >= 0, expected="a number >= 0",
+        target="train.weight_decay",
+    ),
+    ignored(
+        "config", "momentum",
+        "the baseline never passes momentum to torch.optim.SGD (only lr and weight_decay)",
+    ),
+    ignored(
+        "config", "deterministic",
+        "public choices are seeded by train.seed (DP runs draw their batches, augmentation "
+        "and noise from a secret per-run key); bitwise-identical GPU kernels are not "
+        "promised either way",
+    ),
+    Rule(
+        "config", "seed",
+        fixed(
+            "mapped",
+            "seeds initialisation, and batches and augmentation of runs without DP (under DP "
+            "those and the noise come from a secret per-run key)",
+        ),
+        read="integer", target="train.seed",
+    ),
+    ignored("config", "log_interval", "visdom logging cadence; metrics are logged per round"),
+    _optimizer,
+    _model,
+    switch(
+        "config", "pretrained",
+        on_off(
+            (
+                "unsupported",
+                "the baseline's pretrained PyTorch weights are not available here; training "
+                "starts from a seeded random initialisation",
+            ),
+            ("matched", "training from scratch, as here"),
+        ),
+    ),
+    _weight_classes,
+    ignored("config", "pooling_type", "a classification-network option"),
+    # privacy
+    _privacy,
+    Rule(
+        "DP", "noise_multiplier",
+        lambda _x, run: ("mapped", "noise std / clip norm" + run.inactive),
+        read="number", valid=lambda x: x > 0, expected="a number > 0",
+        target="privacy.noise_multiplier",
+    ),
+    Rule(
+        "DP", "max_grad_norm",
+        lambda _x, run: ("mapped", "per-example clip norm" + run.inactive),
+        read="number", valid=lambda x: x > 0, expected="a number > 0",
+        target="privacy.l2_norm_clip",
+    ),
+    Rule(
+        "DP", "target_delta",
+        lambda _x, run: ("mapped", "δ of the reported (ε, δ)" + run.inactive),
+        read="number", valid=lambda x: 0 < x < 1, expected="a number > 0 and < 1",
+        target="privacy.delta",
+    ),
+    switch(
+        "DP", "dp_stats_exchange",
+        lambda on, _run: (
+            "ignored" if on else "matched",
+            "the baseline normalises with the training set's mean/std, shared between sites "
+            "(Laplace-noised when on); here intensities are scaled per volume (min-max), so no "
+            "statistic is exchanged at all",
+        ),
+    ),
+    ignored("DP", "dp_sse_epsilon", "only used by dp_stats_exchange"),
+    Rule(
+        "DP", "microbatch_size",
+        unless(1, ("mapped", "per-example clipping, as here"), _microbatches),
+        read="integer",
+    ),
+    # [federated]
+    Rule(
+        "federated", "sync_every_n_batch",
+        fixed("mapped", "one round = this many local batches at every site", "train.local_steps"),
+        read="integer", valid=lambda n: n >= 1, expected="an integer >= 1", keep="sync",
+    ),
+    ignored(
+        "federated", "wait_interval",
+        "polling interval of the baseline's synchroniser: no effect on results",
+    ),
+    Rule(
+        "federated", "keep_optim_dict",
+        when(
+            lambda _x, run: run.keep_optim,
+            (
+                "unsupported",
+                "optimizer state kept across synchronisations: client optimizers start fresh "
+                "every round here",
+            ),
+            (
+                "matched",
+                "optimizers restart at every synchronisation in the baseline and every round "
+                "here",
+            ),
+        ),
+    ),
+    _weighted_averaging,
+    Rule(
+        "federated", "repetitions_dataset",
+        unless(1, ("matched", "data used once per epoch"), _repetitions),
+        read="integer", fallback="1", valid=lambda n: n >= 1, expected="an integer >= 1",
+        keep="repetitions",
+    ),
+    Rule(
+        "federated", "precision_fractional",
+        fixed(
+            "unsupported",
+            "fixed-point precision of PySyft's secret-shared (SMPC) aggregation; aggregation "
+            "here is float32. (privacy.secure_aggregation is not set from the INI: the baseline "
+            "turns SMPC on by command-line flag, and TFF's secure sum here has its semantics, "
+            "not the cryptography)",
+        ),
+    ),
+    _no_federated_section,
+    # [augmentation], [albumentations]
+    _augment_ranges,
+    positive(
+        "augmentation", "shear",
+        (
+            "unsupported",
+            "shearing (the baseline ignores it too: 'Shearing not supported any more')",
+        ),
+        ("matched", "no shearing, as here"),
+    ),
+    Rule(
+        "augmentation", "mixup", feature("MixUp", "not available here (and rejected under DP)"),
+        read="boolean", only_present=True, keep="mixup",
+    ),
+    *(
+        Rule(
+            "augmentation", key,
+            when(
+                lambda _x, run: run.mixup,
+                ("unsupported", "MixUp is not available here"),
+                ("ignored", "only used with mixup = yes"),
+            ),
+        )
+        for key in ("mixup_prob", "mixup_lambda")
+    ),
+    positive(
+        "augmentation", "vertical_flip_prob",
+        ("unsupported", "no flips here"), ("matched", "no flips, as here"),
+    ),
+    _noise,
+    *(
+        switch(
+            "albumentations", key,
+            feature(
+                f"albumentations {what}",
+                "no tf.data counterpart here (augmentation is rotation, shift, zoom, Gaussian "
+                "noise)",
+            ),
+        )
+        for key, what in ALBUMENTATIONS.items()
+    ),
+    ignored(
+        "albumentations", "overall_prob",
+        "read by the baseline but applied by none of its transforms",
+    ),
+    positive(
+        "albumentations", "individual_probs",
+        (
+            "unsupported",
+            "probability of each enabled albumentation and of the VerticalFlip the baseline "
+            "always adds; no flips here",
+        ),
+        ("matched", "no flips or albumentations, as here"),
+    ),
+    _write_augmentation,
+    # [system]
+    ignored(
+        "system", "num_threads",
+        "PyTorch's thread count; TensorFlow sizes its own thread pools "
+        "(TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS)",
+    ),
+    _epochs,
+    _unread,
+)
+# fmt: on
+
+NOTES = (
+    "Sites: the baseline splits the training SLICES randomly across its 3 workers, so one "
+    "patient spans sites; here every site is a folder of whole patients (split by patient, "
+    "see configs/baseline_liver.toml).",
+    "Loss: per-example soft Dice (DP-SGD clips per example); the baseline's "
+    "segmentation_models_pytorch DiceLoss pools the batch.",
+)
 
 
 def convert_ini(
@@ -348,544 +1072,24 @@ def convert_ini(
     source = str(path)
     raw_bytes = path.read_bytes() if path.is_file() else b""
     ini = read_ini(path)
-    v = _Values(ini, source)
-    reports: dict[tuple[str, str], KeyReport] = {}
-    notes: list[str] = []
-    out: dict[str, Any] = copy.deepcopy(base if base is not None else BASELINE_PRESET)
-
-    def put(dotted: str, value: Any) -> None:
-        node = out
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-
-    def report(section: str, key: str, status: Status, reason: str, target: str = "") -> None:
-        if not v.present(section, key):
-            return  # absent keys are listed under `defaults`, not as INI keys
-        value = ini[section][key]
-        reports[(section, key)] = KeyReport(section, key, value, status, target, reason)
-
-    def switch_off(section: str, key: str, what: str, why_unsupported: str) -> None:
-        """An on/off feature we do not have: off -> matched, on -> unsupported."""
-        if not v.present(section, key):
-            return
-        if v.boolean(section, key):
-            report(section, key, "unsupported", f"{what}: {why_unsupported}")
-        else:
-            report(section, key, "matched", f"{what} is off; not available here either")
-
-    # --- context that several keys depend on ---------------------------------------------
-    old_layout = v.present("config", "differentially_private")
-    dp_section = "config" if old_layout and not v.present("DP", "differentially_private") else "DP"
-    dp = v.boolean(dp_section, "differentially_private")
-    optimizer = (v.raw("config", "optimizer") or "Adam").strip()
-    adam = optimizer.lower() == "adam"
-    binary = v.boolean("config", "binary_segmentation")
-    federated_section = "federated" in ini
-
-    # --- [config] --------------------------------------------------------------------------
-    sec = "config"
-    if binary:
-        put("data.labels", "binary")
-        put("data.foreground_labels", [1, 2])
-        put("data.num_classes", 2)
-        report(
-            sec, "binary_segmentation", "mapped",
-            "liver and tumour merged into one foreground class",
-            "data.labels, data.foreground_labels",
-        )  # fmt: skip
-    else:
-        put("data.labels", "binary")
-        report(
-            sec, "binary_segmentation", "unsupported",
-            "'no' selects the baseline's chest X-ray classification pipeline; this system "
-            "segments, so labels stay binary liver + tumour",
-            "data.labels",
-        )  # fmt: skip
-
-    batch = v.integer(sec, "batch_size")
-    if batch < 1:
-        raise v._bad(sec, "batch_size", "an integer >= 1")
-    put("train.batch_size", batch)
-    report(
-        sec, "batch_size", "mapped",
-        "expected (Poisson) batch size, sampling rate batch_size / site slices, as the "
-        "baseline's Poisson loader under DP" if dp else "local batch size",
-        "train.batch_size",
-    )  # fmt: skip
-
-    resolution = v.integer(sec, "train_resolution")
-    put("data.resolution", resolution)
-    report(sec, "train_resolution", "mapped", "slices resized to this size", "data.resolution")
-    if v.present(sec, "inference_resolution"):
-        inf_res = v.integer(sec, "inference_resolution")
-        if inf_res == resolution:
-            report(
-                sec, "inference_resolution", "matched",
-                "equal to train_resolution: slices are only resized, as here",
-            )  # fmt: skip
-        else:
-            report(
-                sec, "inference_resolution", "unsupported",
-                f"the baseline resizes to {inf_res} and then crops {resolution}x{resolution} "
-                "(randomly in training, centred in validation); here slices are resized "
-                "straight to train_resolution",
-            )  # fmt: skip
-
-    report(sec, "test_batch_size", "ignored", "evaluation batch size: does not change results")
-    report(
-        sec, "test_interval", "ignored",
-        "validation runs after every round here; the baseline validates every test_interval "
-        "epochs and tests the best epoch's checkpoint",
-    )  # fmt: skip
-
-    val_split = v.number(sec, "validation_split")
-    if not 0 <= val_split < 100:
-        raise v._bad(sec, "validation_split", "a percentage in [0, 100)")
-    put("data.val_fraction", val_split / 100.0)
-    report(
-        sec, "validation_split", "mapped",
-        "percent of each site's training patients held out for validation",
-        "data.val_fraction",
-    )  # fmt: skip
-
-    lr = v.number(sec, "lr")
-    end_lr = v.number(sec, "end_lr") if v.present(sec, "end_lr") else lr
-    if lr <= 0 or end_lr <= 0:
-        raise UserError("[config] lr and end_lr must be > 0", source)
-    put("train.client_lr", lr)
-    report(sec, "lr", "mapped", "client (site) learning rate", "train.client_lr")
-    keep_optim = v.present("federated", "keep_optim_dict") and v.boolean(
-        "federated", "keep_optim_dict"
+    run = _Run(
+        ini=ini,
+        v=_Values(ini, source),
+        out=copy.deepcopy(base if base is not None else BASELINE_PRESET),
+        slices_per_site=slices_per_site,
+        augment=augment,
     )
-    if math.isclose(end_lr, lr):
-        put("train.lr_schedule", "constant")
-        put("train.end_lr", end_lr)
-        report(sec, "end_lr", "mapped", "equal to lr: constant rate", "train.lr_schedule")
-    else:
-        put("train.lr_schedule", "loglinear")
-        put("train.end_lr", end_lr)
-        report(
-            sec, "end_lr", "approximate",
-            "log-linear decay from lr to end_lr, stepped per round here, per epoch in the "
-            "baseline",
-            "train.end_lr, train.lr_schedule",
-        )  # fmt: skip
-        if federated_section and not keep_optim:
-            notes.append(
-                "Learning-rate schedule: in the baseline's federated training with "
-                "keep_optim_dict = no, every synchronisation re-creates the sites' optimizers "
-                "with lr (torchlib/utils.py, secure_aggregation_epoch), so its log-linear "
-                "schedule never reaches the optimizer and training runs at the constant lr. The "
-                "converted config applies the schedule the INI asks for; set "
-                'train.lr_schedule = "constant" to reproduce the baseline\'s effective rate.'
-            )
-    restarts = v.integer(sec, "restarts")
-    if restarts > 0:
-        report(
-            sec, "restarts", "unsupported",
-            f"warm restarts: the baseline runs the lr -> end_lr decay {restarts + 1} times, "
-            f"each over epochs / {restarts + 1}; the schedule here decays once over all rounds",
-        )  # fmt: skip
-    else:
-        report(sec, "restarts", "matched", "no warm restarts, as here")
-
-    if adam:
-        for key in ("beta1", "beta2"):
-            put(f"train.{key}", v.number(sec, key))
-            report(sec, key, "mapped", "Adam moment decay", f"train.{key}")
-    else:
-        for key in ("beta1", "beta2"):
-            report(sec, key, "ignored", f"only used by Adam (optimizer = {optimizer})")
-
-    wd = v.number(sec, "weight_decay")
-    if wd < 0:
-        raise v._bad(sec, "weight_decay", "a number >= 0")
-    put("train.weight_decay", wd)
-    if wd == 0:
-        report(sec, "weight_decay", "mapped", "no weight decay", "train.weight_decay")
-    else:
-        report(
-            sec, "weight_decay", "approximate",
-            "torch's optimizers add weight_decay * w to the gradient (L2, coupled, after the DP "
-            "noise); here weight decay is decoupled (AdamW style)",
-            "train.weight_decay",
-        )  # fmt: skip
-    report(
-        sec, "momentum", "ignored",
-        "the baseline never passes momentum to torch.optim.SGD (only lr and weight_decay)",
-    )  # fmt: skip
-    report(
-        sec, "deterministic", "ignored",
-        "public choices are seeded by train.seed (DP runs draw their batches, augmentation "
-        "and noise from a secret per-run key); bitwise-identical GPU kernels are not "
-        "promised either way",
-    )  # fmt: skip
-    put("train.seed", v.integer(sec, "seed"))
-    report(
-        sec, "seed", "mapped",
-        "seeds initialisation, and batches and augmentation of runs without DP (under DP "
-        "those and the noise come from a secret per-run key)",
-        "train.seed",
-    )  # fmt: skip
-    report(sec, "log_interval", "ignored", "visdom logging cadence; metrics are logged per round")
-
-    if optimizer.lower() in ("adam", "sgd"):
-        put("train.client_optimizer", optimizer.lower())
-        report(sec, "optimizer", "mapped", "client optimizer", "train.client_optimizer")
-    else:
-        put("train.client_optimizer", "adam")
-        report(
-            sec, "optimizer", "unsupported",
-            "the baseline knows only Adam and SGD; written as adam",
-            "train.client_optimizer",
-        )  # fmt: skip
-
-    model = (v.raw(sec, "model") or "MoNet").strip()
-    if model.lower() == "monet":
-        if out.get("model", {}).get("name") != "monet":
-            out["model"] = dict(BASELINE_PRESET["model"])
-        report(
-            sec, "model", "approximate",
-            "the study's MoNet (depth 2, 16-32-64 filters, GroupNorm 32, dropout 0.2); its skip "
-            "connections work here but never fire in the baseline (a key-name bug, see "
-            "tff_privseg/models/monet.py)",
-            "model",
-        )  # fmt: skip
-    elif model.lower() == "unet":
-        if out.get("model", {}).get("name") != "unet":
-            out["model"] = dict(UNET_PRESET)
-        report(
-            sec, "model", "approximate",
-            "a plain GroupNorm U-Net (depth 3, 16 filters) instead of segmentation_models_pytorch"
-            "'s Unet with a ResNet-18 encoder",
-            "model",
-        )  # fmt: skip
-    else:
-        report(
-            sec, "model", "unsupported",
-            f"{model} is one of the baseline's classification networks; the model stays "
-            f"{out.get('model', {}).get('name', 'monet')}",
-        )  # fmt: skip
-    if v.present(sec, "pretrained"):
-        if v.boolean(sec, "pretrained"):
-            report(
-                sec, "pretrained", "unsupported",
-                "the baseline's pretrained PyTorch weights are not available here; training "
-                "starts from a seeded random initialisation",
-            )  # fmt: skip
-        else:
-            report(sec, "pretrained", "matched", "training from scratch, as here")
-    if v.present(sec, "weight_classes"):
-        if binary:
-            report(
-                sec, "weight_classes", "ignored",
-                "the baseline's segmentation loss (Dice) takes no class weights",
-            )  # fmt: skip
-        else:
-            switch_off(sec, "weight_classes", "class-weighted loss", "not available here")
-    report(sec, "pooling_type", "ignored", "a classification-network option")
-
-    # --- privacy ---------------------------------------------------------------------------
-    put("privacy.level", "sample" if dp else "none")
-    dp_reason = "sample-level DP-SGD at every site" if dp else "no differential privacy"
-    report(dp_section, "differentially_private", "mapped", dp_reason, "privacy.level")
-    if dp_section == "DP" and v.present("config", "differentially_private"):
-        report(
-            "config", "differentially_private", "ignored",
-            "superseded by [DP] differentially_private (the baseline reads only [DP])",
-        )  # fmt: skip
-    elif dp_section == "config":
-        notes.append(
-            "differentially_private was read from [config] (an older INI layout); the "
-            "current baseline reads it from [DP] only and would train without DP here."
-        )
-    inactive = "" if dp else " (inactive: DP is off)"
-    sec = "DP"
-    for key, target, what in (
-        ("noise_multiplier", "privacy.noise_multiplier", "noise std / clip norm"),
-        ("max_grad_norm", "privacy.l2_norm_clip", "per-example clip norm"),
-        ("target_delta", "privacy.delta", "δ of the reported (ε, δ)"),
-    ):
-        value = v.number(sec, key)
-        if value <= 0 or (key == "target_delta" and value >= 1):
-            raise v._bad(sec, key, "a number > 0" + (" and < 1" if key == "target_delta" else ""))
-        put(target, value)
-        report(sec, key, "mapped", what + inactive, target)
-    if v.present(sec, "dp_stats_exchange"):
-        exchange = v.boolean(sec, "dp_stats_exchange")
-        report(
-            sec, "dp_stats_exchange", "ignored" if exchange else "matched",
-            "the baseline normalises with the training set's mean/std, shared between sites "
-            "(Laplace-noised when on); here intensities are scaled per volume (min-max), so no "
-            "statistic is exchanged at all",
-        )  # fmt: skip
-    report(sec, "dp_sse_epsilon", "ignored", "only used by dp_stats_exchange")
-    microbatch = v.integer(sec, "microbatch_size")
-    if microbatch == 1:
-        report(sec, "microbatch_size", "mapped", "per-example clipping, as here")
-    else:
-        report(
-            sec, "microbatch_size", "unsupported",
-            f"the baseline clips the gradients of {microbatch}-example microbatches (the whole "
-            "batch when equal to batch_size) and scales the noise accordingly; here clipping "
-            "is always per example (microbatch 1), a stronger guarantee at the same σ",
-        )  # fmt: skip
-
-    # --- [federated] -----------------------------------------------------------------------
-    sec = "federated"
-    sync = v.integer(sec, "sync_every_n_batch")
-    if sync < 1:
-        raise v._bad(sec, "sync_every_n_batch", "an integer >= 1")
-    report(
-        sec, "sync_every_n_batch", "mapped",
-        "one round = this many local batches at every site",
-        "train.local_steps",
-    )  # fmt: skip
-    report(
-        sec, "wait_interval", "ignored",
-        "polling interval of the baseline's synchroniser: no effect on results",
-    )  # fmt: skip
-    if v.present(sec, "keep_optim_dict"):
-        if keep_optim:
-            report(
-                sec, "keep_optim_dict", "unsupported",
-                "optimizer state kept across synchronisations: client optimizers start fresh "
-                "every round here",
-            )  # fmt: skip
-        else:
-            report(
-                sec, "keep_optim_dict", "matched",
-                "optimizers restart at every synchronisation in the baseline and every round "
-                "here",
-            )  # fmt: skip
-    weighted = v.boolean(sec, "weighted_averaging")
-    if weighted and dp:
-        put("train.weighting", "uniform")
-        report(
-            sec, "weighted_averaging", "unsupported",
-            "with privacy on, weighting must be 'uniform': a site's example count changes "
-            "with one record and is not covered by the DP guarantee (config.validate); "
-            "written as uniform",
-            "train.weighting",
-        )  # fmt: skip
-    else:
-        put("train.weighting", "examples" if weighted else "uniform")
-        report(
-            sec, "weighted_averaging", "mapped",
-            "sites weighted by their size (the baseline: by batches per epoch)"
-            if weighted
-            else "every site weighs the same",
-            "train.weighting",
-        )  # fmt: skip
-    repetitions = v.integer(sec, "repetitions_dataset", "1")
-    if repetitions < 1:
-        raise v._bad(sec, "repetitions_dataset", "an integer >= 1")
-    if repetitions == 1:
-        report(sec, "repetitions_dataset", "matched", "data used once per epoch")
-    else:
-        report(
-            sec, "repetitions_dataset", "approximate",
-            f"the baseline stores each site's data {repetitions}x (augmented once each) and "
-            f"divides epochs by {repetitions}; the total number of batches is the same and "
-            "train.rounds accounts for it; batches here are drawn afresh anyway",
-            "train.rounds",
-        )  # fmt: skip
-    report(
-        sec, "precision_fractional", "unsupported",
-        "fixed-point precision of PySyft's secret-shared (SMPC) aggregation; aggregation here "
-        "is float32. (privacy.secure_aggregation is not set from the INI: the baseline turns "
-        "SMPC on by command-line flag, and TFF's secure sum here has its semantics, not the "
-        "cryptography)",
-    )  # fmt: skip
-    if not federated_section:
-        notes.append(
-            "No [federated] section: the baseline trains such an INI centrally unless run with "
-            "--train_federated; converted as federated training with sync_every_n_batch = 1."
-        )
-
-    # --- augmentation ----------------------------------------------------------------------
-    aug: dict[str, float] = {}
-    for key, lo, hi, what, effect in (
-        ("rotation", 0.0, 180.0, "degrees", "is not a rotation range"),
-        ("translate", 0.0, 0.5, "fraction of the image size", "shifts slices out of view"),
-        ("scale", 0.0, 1.0, "zoom in [1 - scale, 1 + scale]", "zooms slices to nothing"),
-    ):
-        value = v.number("augmentation", key)
-        target = f"data.augment.{key}"
-        if not lo <= value < hi and not (key == "rotation" and value == hi):
-            aug[key] = 0.0
-            report(
-                "augmentation", key, "unsupported",
-                f"{value:g} is outside [{lo:g}, {hi:g}) ({what}): {effect} (the baseline's "
-                "federated segmentation never applies it); written as 0",
-                target,
-            )  # fmt: skip
-        else:
-            aug[key] = value
-            report(
-                "augmentation", key, "approximate" if value else "mapped",
-                f"{what}; the baseline's albumentations ShiftScaleRotate applies it to half the "
-                "slices (p = 0.5) with reflected borders, here to every slice with zero fill"
-                if value
-                else "off",
-                target,
-            )  # fmt: skip
-    if v.present("augmentation", "shear"):
-        if v.number("augmentation", "shear") > 0:
-            report(
-                "augmentation", "shear", "unsupported",
-                "shearing (the baseline ignores it too: 'Shearing not supported any more')",
-            )  # fmt: skip
-        else:
-            report("augmentation", "shear", "matched", "no shearing, as here")
-    mixup = v.present("augmentation", "mixup") and v.boolean("augmentation", "mixup")
-    switch_off("augmentation", "mixup", "MixUp", "not available here (and rejected under DP)")
-    for key in ("mixup_prob", "mixup_lambda"):
-        if mixup:
-            report("augmentation", key, "unsupported", "MixUp is not available here")
-        else:
-            report("augmentation", key, "ignored", "only used with mixup = yes")
-    if v.present("augmentation", "vertical_flip_prob"):
-        if v.number("augmentation", "vertical_flip_prob") > 0:
-            report("augmentation", "vertical_flip_prob", "unsupported", "no flips here")
-        else:
-            report("augmentation", "vertical_flip_prob", "matched", "no flips, as here")
-
-    noise_section = (
-        "albumentations"
-        if v.present("albumentations", "noise_std") or not v.present("augmentation", "noise_std")
-        else "augmentation"
-    )
-    noise_std = v.number(noise_section, "noise_std")
-    noise_prob = v.number(noise_section, "noise_prob")
-    if noise_std < 0 or not 0 <= noise_prob <= 1:
-        aug["noise_std"], aug["noise_prob"] = 0.0, 0.0
-        for key in ("noise_std", "noise_prob"):
-            report(
-                noise_section, key, "unsupported",
-                "needs noise_std >= 0 and noise_prob in [0, 1]; noise written as off",
-                f"data.augment.{key}",
-            )  # fmt: skip
-    else:
-        aug["noise_std"], aug["noise_prob"] = noise_std, noise_prob
-        active = noise_std > 0 and noise_prob > 0
-        reason = (
-            "Gaussian noise; the baseline's albumentations GaussNoise(var_limit = noise_std²) "
-            "acts on 0-255 images (σ up to noise_std grey levels, about noise_std / 255 on our "
-            "[0, 1] slices); here σ = noise_std on [0, 1] slices"
-            if active
-            else "no noise"
-        )
-        for key in ("noise_std", "noise_prob"):
-            report(
-                noise_section, key, "approximate" if active else "mapped", reason,
-                f"data.augment.{key}",
-            )  # fmt: skip
-    if noise_section == "albumentations":
-        for key in ("noise_std", "noise_prob"):
-            report(
-                "augmentation", key, "ignored",
-                "superseded by [albumentations] (where the baseline reads it)",
-            )  # fmt: skip
-
-    sec = "albumentations"
-    for key, what in ALBUMENTATIONS.items():
-        switch_off(
-            sec, key, f"albumentations {what}",
-            "no tf.data counterpart here (augmentation is rotation, shift, zoom, Gaussian noise)",
-        )  # fmt: skip
-    report(
-        sec, "overall_prob", "ignored",
-        "read by the baseline but applied by none of its transforms",
-    )  # fmt: skip
-    if v.present(sec, "individual_probs"):
-        if v.number(sec, "individual_probs") > 0:
-            report(
-                sec, "individual_probs", "unsupported",
-                "probability of each enabled albumentation and of the VerticalFlip the baseline "
-                "always adds; no flips here",
-            )  # fmt: skip
-        else:
-            report(sec, "individual_probs", "matched", "no flips or albumentations, as here")
-
-    if not augment:
-        aug = dict.fromkeys(("rotation", "translate", "scale", "noise_std", "noise_prob"), 0.0)
-        notes.append(
-            "--no-augment: no augmentation written, whatever the INI says (what the baseline's "
-            "federated segmentation path actually does)."
-        )
-    for key, value in aug.items():
-        put(f"data.augment.{key}", value)
-    if augment and any(aug.values()):
-        notes.append(
-            "Augmentation: the baseline's federated segmentation path (setup_pysyft) applies "
-            "no augmentation at all (Resize + RandomCrop + Normalize only; its segmentation.ini "
-            "marks [augmentation] and [albumentations] ';not used'); the converted config "
-            "applies what the INI asks for. Convert with --no-augment for the baseline's actual "
-            "behaviour."
-        )
-
-    # --- [system] ---------------------------------------------------------------------------
-    report(
-        "system", "num_threads", "ignored",
-        "PyTorch's thread count; TensorFlow sizes its own thread pools "
-        "(TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS)",
-    )  # fmt: skip
-
-    # --- epochs -> rounds -------------------------------------------------------------------
-    epochs = v.integer("config", "epochs")
-    if epochs < 1:
-        raise v._bad("config", "epochs", "an integer >= 1")
-    schedule = _rounds(epochs, sync, repetitions, batch, slices_per_site)
-    put("train.rounds", schedule["rounds"])
-    put("train.local_steps", schedule["local_steps"])
-    put("train.local_epochs", 0)
-    report(
-        "config", "epochs",
-        "mapped" if slices_per_site else "approximate",
-        schedule["explanation"]
-        if slices_per_site
-        else schedule["explanation"] + " (pass --slices-per-site or --data for the exact count)",
-        "train.rounds, train.local_steps",
-    )  # fmt: skip
-
-    # --- whatever is left is unknown ----------------------------------------------------------
-    for section, keys in ini.items():
-        for key, value in keys.items():
-            if (section, key) in reports:
-                continue
-            if value == "" and key in KNOWN_KEYS.get(section, ()):
-                reports[(section, key)] = KeyReport(
-                    section, key, value, "ignored", "",
-                    "empty: the baseline falls back to its default, and so does the conversion",
-                )  # fmt: skip
-                continue
-            if section in SECTIONS:
-                why = f"not a key the baseline reads in [{section}]; nothing done"
-            else:
-                why = f"[{section}] is not a section the baseline reads; nothing done"
-            reports[(section, key)] = KeyReport(section, key, value, "unknown", "", why)
-
-    notes += [
-        "Sites: the baseline splits the training SLICES randomly across its 3 workers, so one "
-        "patient spans sites; here every site is a folder of whole patients (split by patient, "
-        "see configs/baseline_liver.toml).",
-        "Loss: per-example soft Dice (DP-SGD clips per example); the baseline's "
-        "segmentation_models_pytorch DiceLoss pools the batch.",
-    ]
-
-    config = config_lib.from_dict(out, source=f"{source} (converted)")
-    defaults = [f"[{s}] {k} = {BASELINE_DEFAULTS[s][k]}" for s, k in v.used_defaults]
+    for step in STEPS:
+        step(run)
+    config = config_lib.from_dict(run.out, source=f"{source} (converted)")
     return Conversion(
         source=source,
         source_sha256=hashlib.sha256(raw_bytes).hexdigest(),
         config=config,
-        keys=_ordered(ini, reports),
-        defaults=defaults,
-        notes=notes,
-        schedule=schedule,
+        keys=_ordered(ini, run.reports),
+        defaults=[f"[{s}] {k} = {BASELINE_DEFAULTS[s][k]}" for s, k in run.v.used_defaults],
+        notes=[*run.notes, *NOTES],
+        schedule=run.schedule,
     )
 
 
