@@ -28,7 +28,7 @@ from typing import Any
 from tff_privseg import config as config_lib
 from tff_privseg.federated.train import load_training_data, train
 from tff_privseg.privacy.planning import privacy_plan
-from tff_privseg.schedule import records
+from tff_privseg.privacy.schedule import records
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -40,7 +40,7 @@ def privacy(
 
     from tff_privseg.federated.train import load_training_data
     from tff_privseg.privacy.planning import patient_view, privacy_plan
-    from tff_privseg.schedule import records
+    from tff_privseg.privacy.schedule import records
 
     sites = load_training_data(cfg, data_root, progress=False)
     plan = privacy_plan(cfg, {s.name: records(cfg, s) for s in sites}, target_epsilon)

@@ -42,7 +42,7 @@ from tff_privseg.metrics import pooled_dice
 from tff_privseg.models import build_model
 from tff_privseg.privacy.accounting import PrivacyLedger
 from tff_privseg.privacy.planning import new_ledger
-from tff_privseg.schedule import (
+from tff_privseg.privacy.schedule import (
     client_lr,
     local_steps,
     patient_unit,

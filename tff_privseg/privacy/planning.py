@@ -14,7 +14,7 @@ from tff_privseg.privacy.accounting import (
     dp_sgd_event,
     epsilon,
 )
-from tff_privseg.schedule import local_steps, records, sampling_rate, sites_per_round
+from tff_privseg.privacy.schedule import local_steps, records, sampling_rate, sites_per_round
 
 
 def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
