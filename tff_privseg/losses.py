@@ -22,7 +22,7 @@ import tensorflow as tf
 SMOOTH = 1.0  # Dice smoothing: an empty prediction of an empty mask has loss 0
 EPSILON = 1e-7  # probability clipping for the log in cross-entropy
 
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y_true, y_prob [B, H, W, C]) -> [B]
 
 
 def _prepare(y_true, y_prob) -> tuple[tf.Tensor, tf.Tensor]:

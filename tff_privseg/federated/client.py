@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_privseg.privacy.dp_sgd import LossFn, SeededGaussianSumQuery, dp_gradient, plain_gradient
+from tff_privseg.losses import LossFn
+from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient, plain_gradient
 from tff_privseg.privacy.records import record_dp_gradient
 
 

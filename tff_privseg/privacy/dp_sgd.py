@@ -17,16 +17,15 @@ Two ways to the clipped sum (same result):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import dp_accounting
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
 
+from tff_privseg.losses import LossFn
 from tff_privseg.privacy import fast_clip
-
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y [B,H,W], probs [B,H,W,C]) -> [B]
 
 
 class SeededGaussianSumQuery(GaussianSumQuery):

@@ -56,11 +56,11 @@ from typing import Any, Literal
 
 import tensorflow as tf
 
+from tff_privseg.losses import LossFn
 from tff_privseg.models.group_norm import GroupNorm, affine, fast_path, group_norm_parts
 
 Strategy = Literal["auto", "grouped", "einsum", "loop", "ghost"]
 STRATEGIES = ("auto", "grouped", "einsum", "loop", "ghost")
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 _WARNED: set[str] = set()
 

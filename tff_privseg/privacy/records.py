@@ -18,8 +18,9 @@ from typing import Literal
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
 
+from tff_privseg.losses import LossFn
 from tff_privseg.privacy import fast_clip
-from tff_privseg.privacy.dp_sgd import LossFn, clip_and_sum
+from tff_privseg.privacy.dp_sgd import clip_and_sum
 from tff_privseg.privacy.fast_clip import record_losses
 
 
