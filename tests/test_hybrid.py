@@ -8,9 +8,9 @@ import tensorflow as tf
 
 from tff_privseg import config
 from tff_privseg.federated import sampling
-from tff_privseg.federated.client import DpSgdSpec
 from tff_privseg.federated.hybrid import HybridProcess
 from tff_privseg.federated.process import build_process
+from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
 R = 8
 SITES = 3

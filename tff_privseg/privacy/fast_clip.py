@@ -778,8 +778,6 @@ def fast_clipped_sum(
         probs = _forward(model, x, tape, records, registry, strategy, counts, group > 1)
         losses = loss_fn(y, probs)
         if group > 1:
-            if weights is None:  # every slot a real slice
-                weights = tf.ones_like(losses)
             losses = record_losses(losses, weights, group)
         total = tf.reduce_sum(losses)
     dzs = tape.gradient(
@@ -827,8 +825,13 @@ def fast_clipped_sum(
     return FastClipResult(out, losses, norms)
 
 
-def record_losses(losses: tf.Tensor, weights: tf.Tensor, group: int) -> tf.Tensor:
-    """[P·k] example losses and slot weights -> [P] weighted mean loss per record."""
+def record_losses(losses: tf.Tensor, weights: tf.Tensor | None, group: int) -> tf.Tensor:
+    """[P·k] example losses and slot weights -> [P] weighted mean loss per record.
+
+    weights None: every slot a real slice (all 1).
+    """
+    if weights is None:
+        weights = tf.ones_like(losses)
     per = tf.reshape(losses * weights, [-1, group])
     count = tf.reshape(weights, [-1, group])
     return tf.reduce_sum(per, axis=1) / tf.maximum(tf.reduce_sum(count, axis=1), 1.0)
