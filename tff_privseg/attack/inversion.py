@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 import tensorflow as tf
 
-from tff_privseg.losses import EPSILON, SMOOTH, get_loss
+from tff_privseg.losses import cross_entropy_of, get_loss, soft_dice_of
 from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_gradient, plain_gradient
 
 # --------------------------------------------------------------------------------------------
@@ -264,21 +264,10 @@ def soft_label_loss(loss_name: str, target: tf.Tensor, y_prob: tf.Tensor) -> tf.
     Equal to the training loss when ``target`` is one-hot (binary: the foreground map).
     """
     y_prob = tf.cast(y_prob, tf.float32)
-    channels = y_prob.shape[-1]
-    inter = tf.reduce_sum(y_prob * target, axis=[1, 2])
-    den = tf.reduce_sum(y_prob, axis=[1, 2]) + tf.reduce_sum(target, axis=[1, 2])
-    dice = (2.0 * inter + SMOOTH) / (den + SMOOTH)
-    if channels > 1:
-        dice = dice[:, 1:]
-    loss = 1.0 - tf.reduce_mean(dice, axis=-1)
+    loss = soft_dice_of(target, y_prob)
     if loss_name == "dice":
         return loss
-    p = tf.clip_by_value(y_prob, EPSILON, 1.0 - EPSILON)
-    if channels == 1:
-        pixel = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
-    else:
-        pixel = -target * tf.math.log(p)
-    return loss + tf.reduce_mean(tf.reduce_sum(pixel, axis=-1), axis=[1, 2])
+    return loss + cross_entropy_of(target, y_prob)
 
 
 def total_variation(img: tf.Tensor) -> tf.Tensor:
