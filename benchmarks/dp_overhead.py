@@ -3,7 +3,7 @@
 Variants (each a `tf.function`: gradient + Adam update of its own model copy):
   keras         non-private: `plain_gradient` (mean loss; fused GroupNorm walk), Keras Adam
   keras_call    non-private, stock: GradientTape over `model(x, training=True)`
-  dp_fast       `dp_gradient` default path (book-keeping clipping, `privacy/fast_clip.py`)
+  dp_fast       `dp_gradient` default path (book-keeping clipping, `privacy/fast_clip/`)
   dp_jacobian   `dp_gradient(method="jacobian")`, the previous path (64 px only: slow)
   tfp_vectorized  tensorflow-privacy's VectorizedDPKerasAdamOptimizer (64/128 px)
   keras_xla / dp_fast_xla   the same with `jit_compile=True` (64 px, to see if XLA helps)

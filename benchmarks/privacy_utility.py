@@ -30,7 +30,7 @@ from benchmarks.common import RESULTS, log, save
 from tff_privseg import config as config_lib
 from tff_privseg.federated.train import load_training_data, train
 from tff_privseg.privacy.planning import privacy_plan
-from tff_privseg.schedule import records
+from tff_privseg.privacy.schedule import records
 
 # Relative to the current directory (the repository root), as in the commands above.
 CONFIGS = Path("configs")

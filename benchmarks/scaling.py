@@ -95,10 +95,10 @@ def federation(
 
 def _federation(resolution: int, max_sites: int, *, steps: int, batch: int, model: dict):
     from tff_privseg import config as config_lib
-    from tff_privseg.federated.client import DpSgdSpec
     from tff_privseg.federated.process import build_process
     from tff_privseg.losses import get_loss
     from tff_privseg.models import build_model
+    from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
     cfg = config_lib.from_dict(
         {

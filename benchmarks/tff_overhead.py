@@ -68,11 +68,11 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     from tff_privseg import config as config_lib
     from tff_privseg.federated import sampling
-    from tff_privseg.federated.client import DpSgdSpec, build_client_update
+    from tff_privseg.federated.client import build_client_update
     from tff_privseg.federated.process import build_process, tff_optimizer
     from tff_privseg.losses import get_loss
     from tff_privseg.models import build_model
-    from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
+    from tff_privseg.privacy.dp_sgd import DpSgdSpec, SeededGaussianSumQuery, dp_gradient
     from tff_privseg.runtime import local_runtime
 
     resolution, sites, steps, batch = (32, 2, 2, 4) if quick else (64, 3, 10, 8)

@@ -32,22 +32,14 @@ def privacy(
     from tff_privseg import config as config_lib
 
     cfg = config_lib.load(config_path)  # before TensorFlow loads: a bad config fails at once
-    import numpy as np
-
     from tff_privseg.federated.train import load_training_data
-    from tff_privseg.privacy.planning import patient_view, privacy_plan
-    from tff_privseg.schedule import records
+    from tff_privseg.privacy.planning import privacy_plan, site_patient_view
+    from tff_privseg.privacy.schedule import records
 
     sites = load_training_data(cfg, data_root, progress=False)
     plan = privacy_plan(cfg, {s.name: records(cfg, s) for s in sites}, target_epsilon)
     if cfg.privacy.level == "sample" and cfg.privacy.unit == "slice":
-        counts = {s.name: np.bincount(s.train.volume_index) for s in sites}
-        plan["per_patient"] = patient_view(
-            cfg,
-            plan,
-            {n: int((c > 0).sum()) for n, c in counts.items()},
-            {n: int(c.max()) for n, c in counts.items()},
-        )
+        plan["per_patient"] = site_patient_view(cfg, plan, sites)
     emit(plan, as_json, _print_plan)
 
 

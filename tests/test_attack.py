@@ -16,6 +16,7 @@ from tff_privseg.config import ModelConfig
 from tff_privseg.data.slices import SiteData, SliceSet
 from tff_privseg.losses import get_loss
 from tff_privseg.models import build_model
+from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
 R = 16
 TINY = ModelConfig(name="unet", depth=2, base_filters=8, groups=2)
@@ -50,7 +51,7 @@ def test_attack_recovers_image_from_plain_gradient(tiny_model):
 
 def test_dp_sgd_defeats_the_attack(tiny_model):
     x, y = phantom()
-    dp = inv.DpParams(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8.0)
+    dp = DpSgdSpec(l2_norm_clip=1.0, noise_multiplier=1.0, expected_batch_size=8.0)
     update = inv.site_gradient(tiny_model, "dice", x, y, dp=dp, seed=0)
     assert update.privacy == "sample"
     # The clipped signal has norm <= C / 8; the noise alone is ~ σC/8 · sqrt(#params).
@@ -96,7 +97,7 @@ def test_delta_of_one_sgd_step_is_lr_times_the_gradient(tiny_model):
 
 def test_dp_gradient_is_seeded_and_clipped(tiny_model):
     x, y = phantom()
-    dp = inv.DpParams(l2_norm_clip=1.0, noise_multiplier=1e-6, expected_batch_size=1.0)
+    dp = DpSgdSpec(l2_norm_clip=1.0, noise_multiplier=1e-6, expected_batch_size=1.0)
     a = inv.site_gradient(tiny_model, "dice", x, y, dp=dp, seed=5)
     b = inv.site_gradient(tiny_model, "dice", x, y, dp=dp, seed=5)
     for u, v in zip(a.tensors, b.tensors, strict=True):

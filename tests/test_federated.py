@@ -11,9 +11,9 @@ from conftest import TINY_RES as R
 from conftest import tiny_cfg, tiny_loss, tiny_model
 
 from tff_privseg.federated import sampling
-from tff_privseg.federated.client import DpSgdSpec, build_client_update
+from tff_privseg.federated.client import build_client_update
 from tff_privseg.federated.process import build_process, tff_optimizer
-from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient
+from tff_privseg.privacy.dp_sgd import DpSgdSpec, SeededGaussianSumQuery, dp_gradient
 from tff_privseg.privacy.records import record_dp_gradient
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
 
-from tff_privseg.federated.client import DpSgdSpec
 from tff_privseg.federated.hybrid import HybridProcess
 from tff_privseg.federated.process import build_process
+from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
 SITES = 3
 BATCHES = [np.array([0, 1, 2]), np.array([3, 4]), np.array([], np.int64)]  # one empty batch

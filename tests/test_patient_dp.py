@@ -15,7 +15,7 @@ from tff_privseg.federated import sampling
 from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery
 from tff_privseg.privacy.planning import privacy_plan
 from tff_privseg.privacy.records import record_dp_gradient
-from tff_privseg.schedule import client_lr
+from tff_privseg.privacy.schedule import client_lr
 
 R = 8
 

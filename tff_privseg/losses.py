@@ -22,7 +22,7 @@ import tensorflow as tf
 SMOOTH = 1.0  # Dice smoothing: an empty prediction of an empty mask has loss 0
 EPSILON = 1e-7  # probability clipping for the log in cross-entropy
 
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y_true, y_prob [B, H, W, C]) -> [B]
 
 
 def _prepare(y_true, y_prob) -> tuple[tf.Tensor, tf.Tensor]:
@@ -54,8 +54,18 @@ def _targets(labels: tf.Tensor, channels: int) -> tf.Tensor:
 def soft_dice_loss(y_true, y_prob, smooth: float = SMOOTH) -> tf.Tensor:
     """1 - soft Dice per example, [B]; mean over foreground classes for multiclass."""
     labels, probs = _prepare(y_true, y_prob)
+    return soft_dice_of(_targets(labels, probs.shape[-1]), probs, smooth)
+
+
+def cross_entropy(y_true, y_prob, epsilon: float = EPSILON) -> tf.Tensor:
+    """Pixel-mean cross-entropy per example, [B] (binary CE for one sigmoid channel)."""
+    labels, probs = _prepare(y_true, y_prob)
+    return cross_entropy_of(_targets(labels, probs.shape[-1]), probs, epsilon)
+
+
+def soft_dice_of(target: tf.Tensor, probs: tf.Tensor, smooth: float = SMOOTH) -> tf.Tensor:
+    """`soft_dice_loss` from float targets [B, H, W, C] (one-hot, or soft) and probs, [B]."""
     channels = probs.shape[-1]
-    target = _targets(labels, channels)
     intersection = tf.reduce_sum(probs * target, axis=[1, 2])  # [B, C]
     denominator = tf.reduce_sum(probs, axis=[1, 2]) + tf.reduce_sum(target, axis=[1, 2])
     dice = (2.0 * intersection + smooth) / (denominator + smooth)
@@ -64,11 +74,9 @@ def soft_dice_loss(y_true, y_prob, smooth: float = SMOOTH) -> tf.Tensor:
     return 1.0 - tf.reduce_mean(dice, axis=-1)
 
 
-def cross_entropy(y_true, y_prob, epsilon: float = EPSILON) -> tf.Tensor:
-    """Pixel-mean cross-entropy per example, [B] (binary CE for one sigmoid channel)."""
-    labels, probs = _prepare(y_true, y_prob)
+def cross_entropy_of(target: tf.Tensor, probs: tf.Tensor, epsilon: float = EPSILON) -> tf.Tensor:
+    """`cross_entropy` from float targets [B, H, W, C] (one-hot, or soft) and probs, [B]."""
     channels = probs.shape[-1]
-    target = _targets(labels, channels)
     p = tf.clip_by_value(probs, epsilon, 1.0 - epsilon)
     if channels == 1:
         pixel = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
@@ -132,8 +140,10 @@ __all__ = [
     "LOSSES",
     "PerExampleLoss",
     "cross_entropy",
+    "cross_entropy_of",
     "dice_ce_loss",
     "get_loss",
     "keras_loss",
     "soft_dice_loss",
+    "soft_dice_of",
 ]

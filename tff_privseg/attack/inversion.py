@@ -23,7 +23,7 @@ gradient loss. Two additions make it work on a GroupNorm/ReLU U-Net in a few hun
   regions first.
 
 Scale: conv (no bias) -> GroupNorm makes the network almost blind to the image's contrast
-(the gradient of 0.5·x matches that of x with cosine 0.9999), so the reconstruction's intensity
+(the gradients of 0.5·x and of x are almost parallel), so the reconstruction's intensity
 scale is set by the sigmoid box and the TV prior, not by the gradient.
 
 Restarts are vectorised at the graph level: all restarts are independent sub-graphs of one
@@ -42,20 +42,11 @@ from typing import Literal
 import numpy as np
 import tensorflow as tf
 
-from tff_privseg.losses import EPSILON, SMOOTH, get_loss
-from tff_privseg.privacy.dp_sgd import SeededGaussianSumQuery, dp_gradient, plain_gradient
+from tff_privseg.losses import cross_entropy_of, get_loss, soft_dice_of
+from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_gradient, plain_gradient
 
 # --------------------------------------------------------------------------------------------
 # What a site sends.
-
-
-@dataclass(frozen=True)
-class DpParams:
-    """Sample-level DP-SGD of the run: clip C, noise multiplier σ, expected batch size q·n."""
-
-    l2_norm_clip: float
-    noise_multiplier: float
-    expected_batch_size: float
 
 
 @dataclass
@@ -73,7 +64,26 @@ class SiteUpdate:
     local_steps: int = 1
     optimizer: str = "sgd"
     learning_rate: float = 1.0
-    dp: DpParams | None = None
+    dp: DpSgdSpec | None = None
+
+    @classmethod
+    def released(
+        cls,
+        kind: Literal["gradient", "delta"],
+        tensors: Sequence[tf.Tensor],
+        batch_size: int,
+        dp: DpSgdSpec | None,
+        **training: int | float | str,
+    ) -> SiteUpdate:
+        """The update of ``kind`` made of ``tensors``; ``training``: how a delta was trained."""
+        return cls(
+            kind=kind,
+            tensors=[np.asarray(t) for t in tensors],
+            privacy="none" if dp is None else "sample",
+            batch_size=batch_size,
+            dp=dp,
+            **training,
+        )
 
     @property
     def norm(self) -> float:
@@ -85,14 +95,14 @@ def site_gradient(
     loss_name: str,
     images: np.ndarray,
     labels: np.ndarray,
-    dp: DpParams | None,
+    dp: DpSgdSpec | None,
     seed: int,
 ) -> SiteUpdate:
     """The gradient one training step releases for this batch (plain, or DP-SGD).
 
-    DP: ``dp_gradient`` with ``SeededGaussianSumQuery(C, σC, seed)``: per-example clipping to
-    C, Gaussian noise N(0, (σC)²) on the sum, division by the expected batch size; the noise
-    seed stands for the site's secret seed (the attacker does not know it).
+    DP: ``dp_gradient`` with ``dp.query(seed)``: per-example clipping to C, Gaussian noise
+    N(0, (σC)²) on the sum, division by the expected batch size; the noise seed stands for the
+    site's secret seed (the attacker does not know it).
     """
     loss_fn = get_loss(loss_name)
     x = tf.constant(images, tf.float32)
@@ -100,17 +110,9 @@ def site_gradient(
     if dp is None:
         grads, _ = plain_gradient(model, loss_fn, x, y)
     else:
-        query = SeededGaussianSumQuery(
-            dp.l2_norm_clip, dp.l2_norm_clip * dp.noise_multiplier, _seed_pair(seed)
-        )
+        query = dp.query(_seed_pair(seed))
         grads, _ = dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)
-    return SiteUpdate(
-        kind="gradient",
-        tensors=[np.asarray(g) for g in grads],
-        privacy="none" if dp is None else "sample",
-        batch_size=len(images),
-        dp=dp,
-    )
+    return SiteUpdate.released("gradient", grads, len(images), dp)
 
 
 def site_delta(
@@ -119,7 +121,7 @@ def site_delta(
     loss_name: str,
     images: np.ndarray,
     labels: np.ndarray,
-    dp: DpParams | None,
+    dp: DpSgdSpec | None,
     optimizer: str,
     learning_rate: float,
     local_steps: int,
@@ -131,29 +133,25 @@ def site_delta(
     client optimizer; every step uses the same slices (the site's data is this batch: the
     attacker's best case), DP-SGD noise seeded per step from ``seed`` as in training.
     """
-    from tff_privseg.federated.client import DpSgdSpec, build_client_update
+    from tff_privseg.federated.client import build_client_update
     from tff_privseg.federated.process import tff_optimizer
     from tff_privseg.federated.sampling import batches_dataset
 
-    spec = None
-    if dp is not None:
-        spec = DpSgdSpec(dp.l2_norm_clip, dp.noise_multiplier, dp.expected_batch_size)
     update = build_client_update(
-        model_fn, get_loss(loss_name), tff_optimizer(optimizer, learning_rate), spec
+        model_fn, get_loss(loss_name), tff_optimizer(optimizer, learning_rate), dp
     )
     index = np.arange(len(images))
     data = batches_dataset(images, labels, [index] * local_steps)
     initial = [tf.constant(w) for w in weights]
     delta, _, _ = update(initial, data, tf.constant(_seed_pair(seed), tf.int64))
-    return SiteUpdate(
-        kind="delta",
-        tensors=[np.asarray(d) for d in delta],
-        privacy="none" if dp is None else "sample",
-        batch_size=len(images),
+    return SiteUpdate.released(
+        "delta",
+        delta,
+        len(images),
+        dp,
         local_steps=local_steps,
         optimizer=optimizer,
         learning_rate=learning_rate,
-        dp=dp,
     )
 
 
@@ -167,7 +165,7 @@ def _seed_pair(seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InversionConfig:
-    iterations: int = 3000  # mean SSIM 0.50 / 0.58 / 0.62 at 600 / 2000 / 3000 (README)
+    iterations: int = 3000  # Adam steps; what more steps buy: docs/attack.md
     restarts: int = 2
     lr: float = 0.1  # Adam step on the image logits (signed gradients: the step per pixel)
     lr_schedule: Literal["step", "cosine", "cycles", "constant"] = "step"
@@ -266,21 +264,10 @@ def soft_label_loss(loss_name: str, target: tf.Tensor, y_prob: tf.Tensor) -> tf.
     Equal to the training loss when ``target`` is one-hot (binary: the foreground map).
     """
     y_prob = tf.cast(y_prob, tf.float32)
-    channels = y_prob.shape[-1]
-    inter = tf.reduce_sum(y_prob * target, axis=[1, 2])
-    den = tf.reduce_sum(y_prob, axis=[1, 2]) + tf.reduce_sum(target, axis=[1, 2])
-    dice = (2.0 * inter + SMOOTH) / (den + SMOOTH)
-    if channels > 1:
-        dice = dice[:, 1:]
-    loss = 1.0 - tf.reduce_mean(dice, axis=-1)
+    loss = soft_dice_of(target, y_prob)
     if loss_name == "dice":
         return loss
-    p = tf.clip_by_value(y_prob, EPSILON, 1.0 - EPSILON)
-    if channels == 1:
-        pixel = -(target * tf.math.log(p) + (1.0 - target) * tf.math.log(1.0 - p))
-    else:
-        pixel = -target * tf.math.log(p)
-    return loss + tf.reduce_mean(tf.reduce_sum(pixel, axis=-1), axis=[1, 2])
+    return loss + cross_entropy_of(target, y_prob)
 
 
 def total_variation(img: tf.Tensor) -> tf.Tensor:
@@ -546,7 +533,6 @@ def evaluate(
 
 
 __all__ = [
-    "DpParams",
     "InversionConfig",
     "Reconstruction",
     "SiteUpdate",

@@ -20,6 +20,7 @@ from tff_privseg.config import Config
 from tff_privseg.data import SiteData
 from tff_privseg.errors import UserError
 from tff_privseg.models import build_model, count_params
+from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_sgd_spec
 
 
 @dataclass
@@ -129,22 +130,22 @@ def pick_slices(s: SiteData, index: int | None, batch_size: int) -> list[int]:
     return [(index + j * stride) % n for j in range(batch_size)]
 
 
-def dp_params(cfg: Config) -> inv.DpParams:
-    """The run's sample-level DP-SGD parameters (the training's DpSgdSpec).
+def dp_params(cfg: Config) -> DpSgdSpec:
+    """The run's sample-level DP-SGD parameters (the training's, `dp_sgd_spec`).
 
     A record is one slice here: exactly training's records for ``privacy.unit = "slice"`` and
     for patient records of one slice (``slices_per_patient = 1``, the default config). Patient
     records of several slices are clipped as one sum in training; that is not modelled, so it
     is refused rather than approximated.
     """
-    p = cfg.privacy
-    if p.unit == "patient" and p.slices_per_patient > 1:
+    spec = dp_sgd_spec(cfg)
+    if spec.group > 1:
         raise UserError(
             "the attack's DP-SGD update clips one slice per record; this run clips patient "
-            f"records of up to {p.slices_per_patient} slices (privacy.slices_per_patient), "
+            f"records of up to {spec.group} slices (privacy.slices_per_patient), "
             "which is not modelled: use --privacy none, or a config with slices_per_patient = 1"
         )
-    return inv.DpParams(p.l2_norm_clip, p.noise_multiplier, float(cfg.train.batch_size))
+    return spec
 
 
 def run_attack(

@@ -7,27 +7,12 @@ Python TF runtime, so a site can train on its own accelerator and give the same 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_privseg.privacy.dp_sgd import LossFn, SeededGaussianSumQuery, dp_gradient, plain_gradient
-from tff_privseg.privacy.records import record_dp_gradient
-
-
-@dataclass(frozen=True)
-class DpSgdSpec:
-    """Sample-level DP-SGD parameters of one site's local training.
-
-    group = 1: a record is one slice. group = k > 1: a record is one patient, given as k slice
-    slots per sampled patient (see tff_privseg.privacy.records).
-    """
-
-    l2_norm_clip: float
-    noise_multiplier: float
-    expected_batch_size: float  # q * N: the expected number of records in a Poisson batch
-    group: int = 1
+from tff_privseg.losses import LossFn
+from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_gradient, plain_gradient
 
 
 def build_client_update(
@@ -51,12 +36,16 @@ def build_client_update(
     def gradient(x, y, w, step_seed):
         if dp is None:
             return plain_gradient(model, loss_fn, x, y)
-        query = SeededGaussianSumQuery(
-            dp.l2_norm_clip, dp.l2_norm_clip * dp.noise_multiplier, step_seed
+        return dp_gradient(
+            model,
+            loss_fn,
+            x,
+            y,
+            dp.query(step_seed),
+            dp.expected_batch_size,
+            group=dp.group,
+            weights=w,
         )
-        if dp.group == 1:
-            return dp_gradient(model, loss_fn, x, y, query, dp.expected_batch_size)
-        return record_dp_gradient(model, loss_fn, x, y, w, dp.group, query, dp.expected_batch_size)
 
     # A tf.function, not a bare graph: inside `tff.tensorflow.computation` variable assignments
     # that feed no output are otherwise silently dropped (the "silent trap").

@@ -29,7 +29,8 @@ import tensorflow_federated as tff
 
 from tff_privseg.config import Config
 from tff_privseg.errors import UserError
-from tff_privseg.federated.client import DpSgdSpec, build_client_update
+from tff_privseg.federated.client import build_client_update
+from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
 
 def _server_step(

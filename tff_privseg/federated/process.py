@@ -16,7 +16,8 @@ import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
 from tff_privseg.config import Config
-from tff_privseg.federated.client import DpSgdSpec, build_client_update
+from tff_privseg.federated.client import build_client_update
+from tff_privseg.privacy.dp_sgd import DpSgdSpec
 
 # Bound on every coordinate of a client update when summed with the secure-sum factory.
 SECURE_SUM_BOUND = 1.0

@@ -27,7 +27,7 @@ from tff_privseg.errors import UserError
 from tff_privseg.federated import checkpoint, sampling
 from tff_privseg.io import atomic_write_text, os_problem, private_dir
 from tff_privseg.privacy.accounting import PrivacyLedger
-from tff_privseg.schedule import client_lr
+from tff_privseg.privacy.schedule import client_lr
 
 
 class RunDir:

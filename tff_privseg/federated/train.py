@@ -42,7 +42,7 @@ from tff_privseg.metrics import pooled_dice
 from tff_privseg.models import build_model
 from tff_privseg.privacy.accounting import PrivacyLedger
 from tff_privseg.privacy.planning import new_ledger
-from tff_privseg.schedule import (
+from tff_privseg.privacy.schedule import (
     client_lr,
     local_steps,
     patient_unit,
@@ -214,17 +214,12 @@ def _train_federated(
     progress: bool,
     on_round: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    from tff_privseg.federated.client import DpSgdSpec
     from tff_privseg.federated.hybrid import build_hybrid_process
     from tff_privseg.federated.process import build_process
+    from tff_privseg.privacy.dp_sgd import dp_sgd_spec
 
     names = [s.name for s in sites]
-    dp = None
-    if cfg.privacy.level == "sample":
-        group = cfg.privacy.slices_per_patient if patient_unit(cfg) else 1
-        dp = DpSgdSpec(
-            cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size, group
-        )
+    dp = dp_sgd_spec(cfg) if cfg.privacy.level == "sample" else None
     model_fn = _model_fn(cfg)
     build = build_hybrid_process if cfg.train.execution == "hybrid" else build_process
     process = build(cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp)

@@ -17,16 +17,17 @@ Two ways to the clipped sum (same result):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import dp_accounting
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
 
+from tff_privseg.config import Config
+from tff_privseg.losses import LossFn
 from tff_privseg.privacy import fast_clip
-
-LossFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (y [B,H,W], probs [B,H,W,C]) -> [B]
 
 
 class SeededGaussianSumQuery(GaussianSumQuery):
@@ -62,12 +63,51 @@ class SeededGaussianSumQuery(GaussianSumQuery):
         )
 
 
+@dataclass(frozen=True)
+class DpSgdSpec:
+    """Sample-level DP-SGD of one site's local training: clip C, noise multiplier σ, q·N.
+
+    group = 1: a record is one slice. group = k > 1: a record is one patient, given as k slice
+    slots per sampled patient (see tff_privseg.privacy.records).
+    """
+
+    l2_norm_clip: float
+    noise_multiplier: float
+    expected_batch_size: float  # q * N: the expected number of records in a Poisson batch
+    group: int = 1
+
+    def query(self, seed: tf.Tensor) -> SeededGaussianSumQuery:
+        """The Gaussian sum query with noise N(0, (σC)²) drawn from ``seed`` (int64 [2])."""
+        return SeededGaussianSumQuery(
+            self.l2_norm_clip, self.l2_norm_clip * self.noise_multiplier, seed
+        )
+
+
+def dp_sgd_spec(cfg: Config) -> DpSgdSpec:
+    """The run's DP-SGD parameters (whatever privacy.level is): q·N is the batch size; a
+    patient record (privacy.unit = "patient") is privacy.slices_per_patient slots."""
+    p = cfg.privacy
+    group = p.slices_per_patient if p.unit == "patient" else 1
+    return DpSgdSpec(p.l2_norm_clip, p.noise_multiplier, float(cfg.train.batch_size), group)
+
+
 def per_example_gradients(
-    model: tf.keras.Model, loss_fn: LossFn, x: tf.Tensor, y: tf.Tensor
+    model: tf.keras.Model,
+    loss_fn: LossFn,
+    x: tf.Tensor,
+    y: tf.Tensor,
+    group: int = 1,
+    weights: tf.Tensor | None = None,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
-    """Per-example gradients, each [B, *var.shape], and the per-example losses [B]."""
+    """Per-record gradients, each [R, *var.shape], and the per-record losses [R].
+
+    group = 1: a record is one example (R = B). group = k > 1: a record is k consecutive rows
+    and its loss the ``weights``-weighted mean of theirs (`fast_clip.record_losses`, R = B / k).
+    """
     with tf.GradientTape() as tape:
         losses = loss_fn(y, model(x, training=True))
+        if group > 1:
+            losses = fast_clip.record_losses(losses, weights, group)
     jac = tape.jacobian(
         losses, model.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
@@ -96,15 +136,19 @@ def dp_gradient(
     expected_batch_size: float,
     method: Literal["fast", "jacobian"] = "fast",
     strategy: fast_clip.Strategy = "auto",
+    group: int = 1,
+    weights: tf.Tensor | None = None,
 ) -> tuple[list[tf.Tensor], tf.Tensor]:
-    """One DP-SGD gradient: clip per example, sum, noise via `query`, divide by q·n.
+    """One DP-SGD gradient: clip per record, sum, noise via `query`, divide by q·n.
 
     Args:
       x: float32 [B, H, W, 1], y: int32 [B, H, W]; B may be 0 (an empty Poisson batch).
       method: "fast" (book-keeping clipping, `fast_clip`) or "jacobian" (reference path).
       strategy: per-layer norm strategy of the fast path ("auto", "loop", "einsum", "ghost").
+      group, weights: a record is one example (group 1), or ``group`` consecutive rows with
+        slot weights [B] (`tff_privseg.privacy.records`); expected_batch_size then counts records.
     Returns:
-      (noised mean gradient per trainable variable, sum of per-example losses).
+      (noised mean gradient per trainable variable, sum of per-record losses).
     """
     if method not in ("fast", "jacobian"):
         raise ValueError(f"method must be 'fast' or 'jacobian', got {method!r}")
@@ -121,9 +165,11 @@ def dp_gradient(
 
     def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
         if method == "fast":
-            res = fast_clip.fast_clipped_sum(model, loss_fn, x, y, params, strategy)
+            res = fast_clip.fast_clipped_sum(
+                model, loss_fn, x, y, params, strategy, group=group, weights=weights
+            )
             return res.clipped_sum, tf.reduce_sum(res.losses)
-        jac, losses = per_example_gradients(model, loss_fn, x, y)
+        jac, losses = per_example_gradients(model, loss_fn, x, y, group, weights)
         return clip_and_sum(jac, params), tf.reduce_sum(losses)
 
     def nothing() -> tuple[list[tf.Tensor], tf.Tensor]:

@@ -14,7 +14,13 @@ from tff_privseg.privacy.accounting import (
     dp_sgd_event,
     epsilon,
 )
-from tff_privseg.schedule import local_steps, records, sampling_rate, sites_per_round
+from tff_privseg.privacy.schedule import (
+    local_steps,
+    patient_slices,
+    records,
+    sampling_rate,
+    sites_per_round,
+)
 
 
 def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
@@ -124,6 +130,19 @@ def patient_view(
             "patient_sampling_rate": q,
         }
     return out
+
+
+def site_patient_view(
+    cfg: Config, slice_plan: dict[str, Any], sites: list[SiteData]
+) -> dict[str, Any]:
+    """`patient_view` for these sites' training patients."""
+    counts = {s.name: patient_slices(s) for s in sites}
+    return patient_view(
+        cfg,
+        slice_plan,
+        {n: len(c) for n, c in counts.items()},
+        {n: int(c.max()) for n, c in counts.items()},
+    )
 
 
 def privacy_plan(

@@ -18,9 +18,8 @@ from typing import Literal
 import tensorflow as tf
 from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
 
-from tff_privseg.privacy import fast_clip
-from tff_privseg.privacy.dp_sgd import LossFn, clip_and_sum
-from tff_privseg.privacy.fast_clip import record_losses
+from tff_privseg.losses import LossFn
+from tff_privseg.privacy.dp_sgd import dp_gradient
 
 
 def record_dp_gradient(
@@ -37,31 +36,8 @@ def record_dp_gradient(
     """Noised mean gradient over records (clip each record to C, sum, noise, / q·N).
 
     x [P·k, H, W, 1], y [P·k, H, W], weights [P·k]. Returns the gradient per trainable
-    variable and the sum of the record losses.
+    variable and the sum of the record losses. `dp_gradient` with records of ``group`` rows.
     """
-    global_state = query.initial_global_state()
-    clip = query.derive_sample_params(global_state)
-    variables = model.trainable_variables
-
-    if method not in ("fast", "jacobian"):
-        raise ValueError(f"method must be 'fast' or 'jacobian', got {method!r}")
-    if method == "fast" and not fast_clip.is_functional(model):
-        method = "jacobian"
-
-    def clipped_sum() -> tuple[list[tf.Tensor], tf.Tensor]:
-        if method == "fast":
-            res = fast_clip.fast_clipped_sum(
-                model, loss_fn, x, y, clip, group=group, weights=weights
-            )
-            return res.clipped_sum, tf.reduce_sum(res.losses)
-        with tf.GradientTape() as tape:
-            losses = record_losses(loss_fn(y, model(x, training=True)), weights, group)
-        jac = tape.jacobian(losses, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return clip_and_sum(jac, clip), tf.reduce_sum(losses)
-
-    def nothing() -> tuple[list[tf.Tensor], tf.Tensor]:
-        return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
-
-    summed, loss_sum = tf.cond(tf.shape(x)[0] > 0, clipped_sum, nothing)
-    noised, _, _ = query.get_noised_result(summed, global_state)
-    return [g / expected_records for g in noised], loss_sum
+    return dp_gradient(
+        model, loss_fn, x, y, query, expected_records, method, group=group, weights=weights
+    )

@@ -31,10 +31,16 @@ def patient_unit(cfg: Config) -> bool:
     return cfg.privacy.level == "sample" and cfg.privacy.unit == "patient"
 
 
+def patient_slices(site: SiteData) -> np.ndarray:
+    """Training slices of each training patient at a site, int [patients]."""
+    counts = np.bincount(site.train.volume_index)
+    return counts[counts > 0]
+
+
 def records(cfg: Config, site: SiteData) -> int:
     """Privacy records at a site: training slices, or training patients."""
     if patient_unit(cfg):
-        return len(np.unique(site.train.volume_index))
+        return len(patient_slices(site))
     return len(site.train)
 
 
