@@ -207,7 +207,7 @@ def test_resume_may_change_rounds_only_where_no_round_run_changes(trained, tmp_p
     """lr_schedule loglinear: more rounds move the learning rate of rounds 2.. already run."""
     from tff_privseg import config as config_lib
     from tff_privseg.errors import UserError
-    from tff_privseg.federated.run_dir import prepare_run_dir
+    from tff_privseg.rundir import prepare_run_dir
 
     run = copy_run(trained, tmp_path / "run")
     saved = config_lib.load(run / "config.toml")

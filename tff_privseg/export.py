@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,13 @@ import numpy as np
 import tensorflow as tf
 
 from tff_privseg import config as config_lib
+from tff_privseg.data.geometry import THRESHOLD
 from tff_privseg.data.preprocess import scale_intensity
 from tff_privseg.errors import UserError
-from tff_privseg.evaluate import (
-    SAVED_MODEL_FILE,
-    THRESHOLD,
-    Run,
-    check_output,
-    class_names,
-    load_run,
-    staged_output,
-)
+from tff_privseg.evaluate.output import check_output, staged_output
+from tff_privseg.evaluate.prediction import SAVED_MODEL_FILE
+from tff_privseg.evaluate.scores import class_names
+from tff_privseg.rundir import Run, open_run, read_json
 
 FORMAT = "tff_privseg.savedmodel/1"
 METADATA_FILE = "metadata.json"
@@ -153,7 +150,7 @@ def metadata(run: Run, max_abs_diff: float) -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "run": str(run.path.resolve()),
         "config_hash": cfg.digest(),
-        "rounds": run.metrics[-1]["round"] if run.metrics else None,
+        "rounds": run.rounds,
         "classes": class_names(d),
         "labels": d.labels,
         "foreground_labels": list(d.foreground_labels),
@@ -215,7 +212,7 @@ def export(run_dir: str | Path, out: str | Path, force: bool = False) -> dict[st
     ``out`` must be missing or empty; an earlier export there is replaced only with ``force``.
     """
     out = check_output(out, SAVED_MODEL_FILE, replace=force)
-    run = load_run(run_dir, need_privacy=True)
+    run = open_run(run_dir, need_privacy=True)
     d = run.cfg.data
     module = ServingModule(run.model, d.hu_window, d.scaling, d.resolution)
     signatures = {"serving_default": module.serve.get_concrete_function()}
@@ -238,4 +235,34 @@ def export(run_dir: str | Path, out: str | Path, force: bool = False) -> dict[st
     return {"out": str(out), **meta}
 
 
-__all__ = ["ServingModule", "export", "metadata", "reference_preprocess", "verification_input"]
+@dataclass
+class Served:
+    """A loaded export: its two signatures (the second only with minmax scaling), metadata."""
+
+    loaded: Any
+    fn: Any  # serving_default
+    range_fn: Any | None  # serving_volume_range
+    meta: dict[str, Any]
+
+
+def load_export(path: Path) -> Served:
+    """An exported SavedModel folder (UserError naming it when it does not load)."""
+    try:
+        loaded = tf.saved_model.load(str(path))
+        fn = loaded.signatures["serving_default"]
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"cannot load the SavedModel ({first})", path) from None
+    meta_path = path / METADATA_FILE
+    meta = read_json(meta_path) if meta_path.exists() else {}
+    return Served(loaded, fn, loaded.signatures.get("serving_volume_range"), meta)
+
+
+__all__ = [
+    "ServingModule",
+    "export",
+    "load_export",
+    "metadata",
+    "reference_preprocess",
+    "verification_input",
+]

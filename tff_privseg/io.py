@@ -9,6 +9,9 @@ left on device"), also when a library (h5py) reports it inside its own exception
 `mode=None` gives the usual permissions (0o666 minus the umask); a `mode` is set exactly,
 whatever the umask, and the temporary file is created with it, so a secret is never readable by
 others even for a moment. `private_dir` makes a 0700 folder for such files.
+
+`staged_dir` does the same for a whole folder: it is built under a temporary name next to its
+target and takes the target's place by one rename once complete.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -84,6 +88,60 @@ def finish(tmp: Path, path: Path, mode: int | None = None) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(
+    target: str | Path, *, replace: bool = False, private: bool = False
+) -> Iterator[Path]:
+    """Yield a fresh folder next to `target`; on success it becomes `target`.
+
+    A missing or empty `target` is replaced by one rename. An existing one is, with `replace`,
+    renamed aside and removed after the rename; without it, it may hold only hidden entries
+    (e.g. `.cache`), which stay: the new entries are moved in beside them (UserError if a
+    visible entry appeared meanwhile). The folder gets the usual permissions (0o777 minus the
+    umask); `private` keeps it 0700. On any error, Ctrl-C included, the temporary folder is
+    removed and `target` is left as it was. Checking that `target` may be written is the
+    caller's part.
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write here ({e.strerror})", target.parent) from None
+    try:
+        if not private:
+            os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        _publish(tmp, target, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path, replace: bool) -> None:
+    """Put the complete folder `tmp` in `target`'s place (see `staged_dir`)."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if replace:
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if any(not p.name.startswith(".") for p in target.iterdir()):
+        raise UserError("was filled by someone else while writing; nothing changed", target)
+    for child in sorted(tmp.iterdir()):
+        os.replace(child, target / child.name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from tff_privseg.errors import UserError
-from tff_privseg.evaluate import (
-    EVALUATION_FILE,
-    check_output,
+from tff_privseg.evaluate.output import check_output, staged_output
+from tff_privseg.rundir import (
+    check_run_dir,
+    finite_epsilon,
+    layout,
     read_json,
     read_metrics,
-    staged_output,
 )
 
 REPORT_FILE = "report.json"
@@ -48,19 +49,17 @@ def load_history(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise UserError("run directory not found", path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UserError("incomplete run directory: no metrics.jsonl", path)
+    metrics = check_run_dir(path, (layout.METRICS,)) / layout.METRICS
     rows = read_metrics(metrics)
     if not rows:
         raise UserError("no rounds logged yet", metrics)
-    privacy = read_json(path / "privacy.json") if (path / "privacy.json").is_file() else {}
+    privacy = read_json(path / layout.PRIVACY) if (path / layout.PRIVACY).is_file() else {}
     privacy = privacy if isinstance(privacy, dict) else {}
     level = privacy.get("level") or ("none" if rows[-1].get("epsilon") is None else "unknown")
-    evaluation = path / "eval_test" / EVALUATION_FILE
+    evaluation = path / layout.eval_dir("test") / layout.EVALUATION
     ev = read_json(evaluation) if evaluation.is_file() else {}
     dices = [d for d in (_finite(r.get("val_dice")) for r in rows) if d is not None]
-    eps = _finite(privacy.get("epsilon", rows[-1].get("epsilon")))
+    eps = finite_epsilon(privacy.get("epsilon", rows[-1].get("epsilon")))
     return {
         "run": str(path),
         "name": path.resolve().name,

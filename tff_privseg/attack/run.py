@@ -4,7 +4,6 @@ updates -> reconstructions -> metrics, figure and JSON."""
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from tff_privseg.data import SiteData
 from tff_privseg.errors import UserError
 from tff_privseg.models import build_model, count_params
 from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_sgd_spec
+from tff_privseg.rundir import checkpoint, finite_epsilon, layout
 
 
 @dataclass
@@ -58,28 +58,27 @@ def load_target(
         cfg = config_lib.load(config_path)
         return AttackTarget(cfg, _model_fn(cfg)(), 0, f"untrained model of {config_path}")
     run = Path(run_dir)
-    if not (run / "config.toml").exists():
-        raise UserError("not a run directory (no config.toml)", run)
-    cfg = config_lib.load(run / "config.toml")
+    if not (run / layout.CONFIG).exists():
+        raise UserError(f"not a run directory (no {layout.CONFIG})", run)
+    cfg = config_lib.load(run / layout.CONFIG)
     model = _model_fn(cfg)()
     target = AttackTarget(cfg, model, round_num, str(run))
     if round_num == 0:
         target.source = f"{run} (round 0: initial model)"
         return target
     if round_num is None:
-        if (run / "model.weights.h5").exists():
-            model.load_weights(run / "model.weights.h5")
-            target.source = f"{run}/model.weights.h5 (final)"
+        if (run / layout.WEIGHTS).exists():
+            model.load_weights(run / layout.WEIGHTS)
+            target.source = f"{run}/{layout.WEIGHTS} (final)"
             return target
-        from tff_privseg.federated import checkpoint
-
-        latest = checkpoint.latest(run / "checkpoints")
+        latest = checkpoint.latest(run / layout.CHECKPOINTS)
         if latest is None:
             raise UserError("run has no final model and no checkpoint", run)
-        round_num = int(latest.stem.split("_")[1])
-    path = run / "checkpoints" / f"round_{round_num:06d}.npz"
+        round_num = checkpoint.round_of(latest)
+    path = checkpoint.path_for(run / layout.CHECKPOINTS, round_num)
     if not path.exists():
-        have = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("round_*.npz"))
+        kept = checkpoint.all_checkpoints(run / layout.CHECKPOINTS)
+        have = [checkpoint.round_of(p) for p in kept]
         raise UserError(
             f"no checkpoint for round {round_num} (kept: {have or 'none'}; "
             "0 = initial model; omit --round for the final model)",
@@ -94,8 +93,7 @@ def load_target(
 def _assign_from_checkpoint(model: tf.keras.Model, path: Path) -> None:
     """The model weights are the first tensors of the flattened TFF state (global model)."""
     variables = model.trainable_variables
-    with np.load(path) as z:
-        arrays = [z[f"s{i:05d}"] for i in range(len(variables)) if f"s{i:05d}" in z.files]
+    arrays = checkpoint.model_arrays(path, len(variables))
     if len(arrays) != len(variables) or any(
         a.shape != tuple(v.shape) for a, v in zip(arrays, variables, strict=False)
     ):
@@ -325,11 +323,11 @@ def run_audit(target: AttackTarget, sites: list[SiteData]) -> dict[str, Any]:
 
 
 def read_epsilon(run_dir: str | Path) -> float | None:
-    path = Path(run_dir) / "privacy.json"
+    """The run's final ε; None without privacy.json or without DP (ε = ∞)."""
+    path = Path(run_dir) / layout.PRIVACY
     if not path.exists():
         return None
-    eps = json.loads(path.read_text()).get("epsilon")
-    return None if eps is None or (isinstance(eps, float) and math.isinf(eps)) else float(eps)
+    return finite_epsilon(json.loads(path.read_text()).get("epsilon"))
 
 
 def _bar(enabled: bool, total: int) -> Any:

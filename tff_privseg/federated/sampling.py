@@ -37,10 +37,9 @@ import tensorflow as tf
 from tff_privseg.config import AugmentConfig
 from tff_privseg.data.augment import augment_batch, enabled
 from tff_privseg.data.slices import SliceSet
+from tff_privseg.rundir.key import Key, key_bytes
 
 _PURPOSE = {"batches": 1, "sites": 2, "noise": 3, "augment": 4}
-
-Key = int | bytes | str
 
 
 def rng(seed: int, round_num: int, site: int, purpose: str) -> np.random.Generator:
@@ -59,19 +58,6 @@ def site_rng(seed: int, round_num: int, site: str, purpose: str) -> np.random.Ge
 
 
 # --- the keyed PRF -------------------------------------------------------------------------
-
-
-def key_bytes(key: Key) -> bytes:
-    """The BLAKE2b key (at most 64 bytes) for a run key given as int, bytes or str."""
-    if isinstance(key, bool) or not isinstance(key, int | bytes | str):
-        raise TypeError(f"run key must be int, bytes or str, not {type(key).__name__}")
-    if isinstance(key, int):
-        if key < 0:
-            raise ValueError("run key must be non-negative")
-        raw = b"int:" + key.to_bytes(max(8, (key.bit_length() + 7) // 8), "little")
-    else:
-        raw = (b"str:" + key.encode()) if isinstance(key, str) else b"bytes:" + key
-    return raw if len(raw) <= 64 else hashlib.blake2b(raw).digest()
 
 
 def public_key(seed: int) -> bytes:

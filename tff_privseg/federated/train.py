@@ -34,8 +34,7 @@ import tensorflow as tf
 from tff_privseg.config import Config
 from tff_privseg.data import SiteData, ensure_synthetic, load_sites
 from tff_privseg.errors import UserError
-from tff_privseg.federated import checkpoint, sampling
-from tff_privseg.federated.run_dir import RunDir, prepare_run_dir, read_run_key
+from tff_privseg.federated import sampling
 from tff_privseg.io import atomic_path
 from tff_privseg.losses import get_loss
 from tff_privseg.metrics import pooled_dice
@@ -50,6 +49,7 @@ from tff_privseg.privacy.schedule import (
     sampling_rate,
     sites_per_round,
 )
+from tff_privseg.rundir import RunDir, checkpoint, prepare_run_dir, read_run_key
 
 
 @dataclass

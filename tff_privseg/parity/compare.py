@@ -31,6 +31,7 @@ from tff_privseg.parity.baseline_format import (
     parse_baseline_log,
     read_completed_trainings,
 )
+from tff_privseg.rundir import epsilon_from_json, layout, read_json_object, read_metrics
 
 # (label, our dotted key, the baseline's names for it, conversion of the baseline's text)
 _TRUE = {"1", "yes", "true", "on"}
@@ -137,20 +138,20 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if not run.is_dir():
         raise UserError("run directory not found", run)
     warnings: list[str] = []
-    cfg_path = run / "config.toml"
+    cfg_path = run / layout.CONFIG
     if not cfg_path.is_file():
-        raise UserError("not a run directory (no config.toml)", run)
+        raise UserError(f"not a run directory (no {layout.CONFIG})", run)
     try:
         settings = flatten_config(config_lib.load(cfg_path))
     except UserError as e:  # another schema version: compare what it has
-        warnings.append(f"config.toml does not load with this version ({e}); compared as is")
+        warnings.append(f"{layout.CONFIG} does not load with this version ({e}); compared as is")
         try:
             settings = flatten_config(tomllib.loads(cfg_path.read_text()))
         except tomllib.TOMLDecodeError as e2:
             raise UserError(f"not valid TOML ({e2})", cfg_path) from None
-    rows = _read_jsonl(run / "metrics.jsonl", warnings)
-    privacy = _read_json(run / "privacy.json", warnings, required=True)
-    evaluation = _read_json(run / "evaluation.json", warnings, required=False)
+    rows = _read_rows(run / layout.METRICS, warnings)
+    privacy = read_json_object(run / layout.PRIVACY, warnings, required=True)
+    evaluation = read_json_object(run / layout.EVALUATION, warnings, required=False)
     val = [r.get("val_dice") for r in rows]
     val = [x for x in val if _is_number(x)]
     seconds = [r.get("seconds") for r in rows if _is_number(r.get("seconds"))]
@@ -163,10 +164,10 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "delta": None,
     }
     if privacy is not None:
-        metrics["epsilon"] = privacy.get("epsilon")
-        metrics["delta"] = privacy.get("delta") if privacy.get("level") != "none" else None
-        if privacy.get("level") != "none" and metrics["epsilon"] is None:
-            metrics["epsilon"] = math.inf
+        private = privacy.get("level") != "none"
+        eps = privacy.get("epsilon")
+        metrics["epsilon"] = epsilon_from_json(eps) if private else eps
+        metrics["delta"] = privacy.get("delta") if private else None
     elif rows and rows[-1].get("epsilon") is not None:
         metrics["epsilon"], metrics["delta"] = rows[-1].get("epsilon"), rows[-1].get("delta")
     if settings.get("privacy.level") == "none":
@@ -179,38 +180,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _read_json(path: Path, warnings: list[str], required: bool) -> dict[str, Any] | None:
-    if not path.is_file():
-        if required:
-            warnings.append(f"{path.name} missing")
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warnings.append(f"{path.name} unreadable ({e}); ignored")
-        return None
-    if not isinstance(data, dict):
-        warnings.append(f"{path.name} is not a JSON object; ignored")
-        return None
-    return data
-
-
-def _read_jsonl(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+def _read_rows(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         warnings.append(f"{path.name} missing")
         return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            warnings.append(f"{path.name} line {i} is not JSON; skipped")
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return read_metrics(path, lenient=True, warnings=warnings)
 
 
 _EVAL_NAMES = {

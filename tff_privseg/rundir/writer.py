@@ -1,33 +1,29 @@
-"""The run directory's lifecycle and its secrets: lock, start, resume checks, the run key.
+"""The run directory's writer: lock, start, rows, ledger (layout: `rundir.layout`).
 
-`prepare_run_dir` locks RUN and checks that it can take this run (a new one, or `--resume` of
-the same computation on the same data); `RunDir.begin` writes config.toml, the secret run key
-and the keyed data digest before any round; `abandon` removes what a start that failed before
-round 1 created. Layout: see `federated.train`.
+`RunDir.begin` writes config.toml, the secret run key and the keyed data digest before any
+round; `abandon` removes what a start that failed before round 1 created. Secrets (the key, the
+checkpoints holding it) are 0600 in 0700 folders whatever the umask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import secrets
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from tff_privseg import config as config_lib
 from tff_privseg.config import Config
 from tff_privseg.data import SiteData
 from tff_privseg.errors import UserError
-from tff_privseg.federated import checkpoint, sampling
 from tff_privseg.io import atomic_write_text, os_problem, private_dir
 from tff_privseg.privacy.accounting import PrivacyLedger
-from tff_privseg.privacy.schedule import client_lr
+from tff_privseg.rundir import checkpoint, layout
+from tff_privseg.rundir.key import data_digest, new_run_key, read_run_key
+from tff_privseg.rundir.reader import read_metrics
 
 
 class RunDir:
@@ -39,20 +35,21 @@ class RunDir:
     `begin` created, so the same command can simply be run again; `close` drops the lock.
     """
 
-    LOCK = ".lock"
+    LOCK = layout.LOCK
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.metrics = path / "metrics.jsonl"
-        self.privacy = path / "privacy.json"
-        self.config = path / "config.toml"
-        self.checkpoints = path / "checkpoints"
-        self.model = path / "model.keras"
-        self.weights = path / "model.weights.h5"
-        self.secret = path / "secret"
-        self.key_file = self.secret / "run_key"
+        self.metrics = path / layout.METRICS
+        self.privacy = path / layout.PRIVACY
+        self.config = path / layout.CONFIG
+        self.checkpoints = path / layout.CHECKPOINTS
+        self.model = path / layout.MODEL
+        self.weights = path / layout.WEIGHTS
+        self.tensorboard = path / layout.TENSORBOARD
+        self.secret = path / layout.SECRET
+        self.key_file = self.secret / layout.RUN_KEY
         self.lock_file = path / self.LOCK
-        self.data_file = self.secret / "data_digest"
+        self.data_file = self.secret / layout.DATA_DIGEST
         self._sites: list[SiteData] = []
         self._digest: str | None = None  # of `_sites` under the persisted key, once computed
         self.begun = False
@@ -186,15 +183,8 @@ class RunDir:
             raise UserError(f"cannot write ({os_problem(e)})", self.metrics) from e
 
     def metrics_rows(self) -> list[dict[str, Any]]:
-        if not self.metrics.exists():
-            return []
-        rows = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a row cut short by a crash or a full disk
-                continue
-        return rows
+        """The rows written so far; a row cut short by a crash or a full disk is skipped."""
+        return read_metrics(self.metrics, lenient=True)
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows of rounds that were never checkpointed (after a crash)."""
@@ -221,124 +211,8 @@ class RunDir:
             atomic_write_text(self.privacy, json.dumps(ledger.to_json(), indent=2))
 
 
-def data_digest(sites: list[SiteData], key: str) -> str:
-    """Keyed BLAKE2b of what training and validation read: every site's slices, labels and
-    patients (keyed with the run key: without it, the digest reveals nothing about them)."""
-    h = hashlib.blake2b(key=sampling.key_bytes(key), person=b"data")
-    for s in sites:
-        h.update(s.name.encode() + b"\0")
-        for part in (s.train, s.val):
-            for a in (part.images, part.labels, part.volume_index):
-                a = np.ascontiguousarray(a)
-                h.update(f"{a.dtype.str}{a.shape}".encode())
-                h.update(a.data)
-    return h.hexdigest()
-
-
-def new_run_key() -> str:
-    """The run's secret, 256 bits as hex: it keys the sampling PRF and the DP noise.
-
-    Never in the config, never printed. 256 bits so that no search over keys can recover the
-    sample from what a run releases.
-    """
-    return secrets.token_hex(32)
-
-
-def read_run_key(run: RunDir) -> str:
-    try:
-        key = run.key_file.read_text().strip()
-        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
-            raise ValueError("not a 256-bit hex key")
-        return key
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable run key ({os_problem(e) or e})", run.key_file) from None
-
-
 def _ledger_rounds(path: Path) -> int:
     try:
         return int(json.loads(path.read_text()).get("rounds", 0))
     except (OSError, ValueError, AttributeError):
         return 0
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(old: Config, new: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    a, b = _flat(config_lib.to_dict(old)), _flat(config_lib.to_dict(new))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def prepare_run_dir(cfg: Config, out: Path, resume: bool) -> RunDir:
-    """Lock `out` and check that it can take this run (a new one, or `resume` of the same).
-
-    Writes nothing but RUN/.lock (and RUN itself for a new run): config.toml and the run key
-    come with `RunDir.begin`, so a start that fails before it leaves nothing behind.
-    """
-    run = RunDir(out)
-    if resume:
-        if not run.config.exists():
-            raise UserError("nothing to resume: no config.toml", out)
-        run.lock()
-        try:
-            _check_resume(cfg, run)
-        except BaseException:
-            run.abandon()
-            run.close()
-            raise
-        return run
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a directory", out)
-    if not out.exists():
-        out.mkdir(parents=True)
-        run._created.append(out)
-    run.lock()
-    if any(p.name != RunDir.LOCK for p in out.iterdir()):
-        run.abandon()
-        run.close()
-        raise UserError("run directory exists and is not empty (use --resume or a new --out)", out)
-    return run
-
-
-def _check_resume(cfg: Config, run: RunDir) -> None:
-    """Refuse a resume that would change a round already run, its noise or its accounting."""
-    saved = config_lib.load(run.config)
-    # Where the data lives may change: its content is checked against the run's keyed digest.
-    moved = {"train.rounds", "data.root", "data.cache_dir"}
-    differ = [k for k in config_differences(saved, cfg) if k not in moved]
-    if differ:
-        raise UserError(
-            f"--resume with a config that differs from the run's config.toml in {', '.join(differ)}"
-            " (only train.rounds may change)",
-            run.path,
-        )
-    done = run.rounds_released()
-    old, new = saved.train.rounds, cfg.train.rounds
-    if new != old:
-        if new < done:
-            raise UserError(
-                f"--resume: train.rounds = {new} is below the {done} rounds already run", run.path
-            )
-        if any(client_lr(saved, r) != client_lr(cfg, r) for r in range(done)):
-            raise UserError(
-                f"--resume: changing train.rounds ({old} -> {new}) changes the learning rate of "
-                f"rounds already run (lr_schedule = {cfg.train.lr_schedule}); keep train.rounds",
-                run.path,
-            )
-    if not run.key_file.exists():
-        if done or (run.checkpoints.exists() and any(run.checkpoints.iterdir())):
-            raise UserError(
-                "missing, but rounds were already run: resuming would draw a new noise key and "
-                "release them again with different noise",
-                run.key_file,
-            )
-    else:
-        read_run_key(run)

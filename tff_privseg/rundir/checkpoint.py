@@ -26,7 +26,16 @@ import tensorflow as tf
 from tff_privseg.errors import UserError
 from tff_privseg.io import atomic_write, private_dir
 
-__all__ = ["all_checkpoints", "latest", "load", "load_newest", "round_of", "save"]
+__all__ = [
+    "all_checkpoints",
+    "latest",
+    "load",
+    "load_newest",
+    "model_arrays",
+    "path_for",
+    "round_of",
+    "save",
+]
 
 _NAME = re.compile(r"round_(\d{6})\.npz$")
 
@@ -37,11 +46,16 @@ def save(ckpt_dir: Path, round_num: int, state: Any, header: dict[str, Any], kee
     flat = tf.nest.flatten(state)
     arrays = {f"s{i:05d}": np.asarray(v) for i, v in enumerate(flat)}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    path = ckpt_dir / f"round_{round_num:06d}.npz"
+    path = path_for(ckpt_dir, round_num)
     atomic_write(path, lambda f: np.savez(f, **arrays), mode=0o600)
     for old in all_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def path_for(ckpt_dir: Path, round_num: int) -> Path:
+    """The checkpoint file of round `round_num` (which may not exist)."""
+    return ckpt_dir / f"round_{round_num:06d}.npz"
 
 
 def all_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -70,6 +84,13 @@ def load(path: Path, template: Any) -> tuple[Any, dict[str, Any]]:
     if header.get("round") != round_of(path):
         raise ValueError(f"{path}: header says round {header.get('round')}")
     return tf.nest.pack_sequence_as(template, flat), header
+
+
+def model_arrays(path: Path, count: int) -> list[np.ndarray]:
+    """The first `count` state tensors of a checkpoint (the global model's trainable weights
+    lead the flattened TFF state); fewer when it holds fewer."""
+    with np.load(path) as z:
+        return [z[f"s{i:05d}"] for i in range(count) if f"s{i:05d}" in z.files]
 
 
 def load_newest(

@@ -1,0 +1,86 @@
+"""Volume geometry: a file's voxel order <-> canonical (RAS+), and masks on a scan's own grid.
+
+Slices are canonical axial planes (``data.preprocess``); a mask goes back to the source file's
+voxel order so that ``nib.Nifti1Image(mask, source.affine)`` overlays the scan voxel for voxel.
+Probabilities [n, R, R, C] become class ids by threshold (C = 1, ``p >= THRESHOLD``) or argmax.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+
+from tff_privseg.config import DataConfig
+from tff_privseg.data.nifti import as_label_array, open_nifti, read_canonical
+from tff_privseg.data.preprocess import map_labels, resize_plane, slices_to_volume
+from tff_privseg.data.slices import VolumeInfo
+
+THRESHOLD = 0.5
+
+
+def hard_classes(probs: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Probabilities [..., C] -> uint8 class ids [...] (C = 1: ``p >= threshold``; else argmax)."""
+    if probs.shape[-1] == 1:
+        return (probs[..., 0] >= threshold).astype(np.uint8)
+    return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+def classes_in_plane(
+    probs: np.ndarray, size: tuple[int, int], threshold: float = THRESHOLD
+) -> np.ndarray:
+    """Probabilities [n, R, R, C] -> uint8 class ids [size0, size1, n]: each channel resized
+    linearly (as ``tf.image.resize`` bilinear), then threshold (C = 1) or argmax."""
+    planes = [
+        resize_plane(np.moveaxis(probs[..., c], 0, 2).astype(np.float32), size, order=1)
+        for c in range(probs.shape[-1])
+    ]
+    return hard_classes(np.stack(planes, axis=-1), threshold)
+
+
+def mask_on_grid(probs: np.ndarray, info: VolumeInfo, threshold: float = THRESHOLD) -> np.ndarray:
+    """Probabilities [n, R, R, C] of one volume's kept slices -> uint8 class map [*info.shape].
+
+    The same map as ``slices_to_volume(order=1)`` per channel followed by threshold / argmax,
+    but only the kept slab is ever held in float: the probabilities are resized linearly to the
+    canonical in-plane size and turned into class ids first, then ``slices_to_volume`` places
+    them (slices outside ``info.z_range`` are 0, background) in the source file's voxel order.
+    """
+    start, stop = info.z_range
+    if probs.ndim != 4 or probs.shape[0] != stop - start:
+        raise ValueError(f"expected [{stop - start}, R, R, C] probabilities, got {probs.shape}")
+    nx, ny, _ = info.canonical_shape
+    classes = np.moveaxis(classes_in_plane(probs, (nx, ny), threshold), 2, 0)
+    return slices_to_volume(classes, info, order=0, fill=0)
+
+
+def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Array [*shape] in a file's voxel order -> closest canonical (RAS+) order."""
+    source = nib.orientations.io_orientation(affine)
+    to_ras = nib.orientations.ornt_transform(source, nib.orientations.axcodes2ornt("RAS"))
+    return nib.orientations.apply_orientation(volume, to_ras)
+
+
+def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Array in closest canonical (RAS+) order -> the voxel order of a file with ``affine``."""
+    source = nib.orientations.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), source)
+    return nib.orientations.apply_orientation(volume, back)
+
+
+def canonical_label(info: VolumeInfo, cfg: DataConfig) -> np.ndarray:
+    """The source label file as uint8 class ids [*info.canonical_shape] (canonical order)."""
+    img = open_nifti(info.label_path)
+    data, _ = read_canonical(img, info.label_path)
+    return map_labels(as_label_array(data, info.label_path), cfg.labels, cfg.foreground_labels)
+
+
+def mask_image(mask: np.ndarray, source: nib.Nifti1Image, num_classes: int) -> nib.Nifti1Image:
+    """uint8 mask [*source.shape] -> NIfTI with the source's affine, qform/sform codes, units."""
+    header = source.header.copy()
+    img = nib.Nifti1Image(mask.astype(np.uint8), source.affine, header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, max(1, num_classes - 1)
+    img.header["descrip"] = b"tff_privseg predicted mask"
+    img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+    return img
