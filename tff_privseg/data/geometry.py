@@ -1,4 +1,4 @@
-"""Volume geometry: a file's voxel order <-> canonical (RAS+), and masks on a scan's own grid.
+"""Masks on a scan's own grid: class ids from probabilities, placed back in the file's voxel order.
 
 Slices are canonical axial planes (``data.preprocess``); a mask goes back to the source file's
 voxel order so that ``nib.Nifti1Image(mask, source.affine)`` overlays the scan voxel for voxel.
@@ -12,7 +12,11 @@ import numpy as np
 
 from tff_privseg.config import DataConfig
 from tff_privseg.data.nifti import as_label_array, open_nifti, read_canonical
-from tff_privseg.data.preprocess import map_labels, resize_plane, slices_to_volume
+from tff_privseg.data.preprocess import (
+    map_labels,
+    resize_plane,
+    slices_to_volume,
+)
 from tff_privseg.data.slices import VolumeInfo
 
 THRESHOLD = 0.5
@@ -51,20 +55,6 @@ def mask_on_grid(probs: np.ndarray, info: VolumeInfo, threshold: float = THRESHO
     nx, ny, _ = info.canonical_shape
     classes = np.moveaxis(classes_in_plane(probs, (nx, ny), threshold), 2, 0)
     return slices_to_volume(classes, info, order=0, fill=0)
-
-
-def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Array [*shape] in a file's voxel order -> closest canonical (RAS+) order."""
-    source = nib.orientations.io_orientation(affine)
-    to_ras = nib.orientations.ornt_transform(source, nib.orientations.axcodes2ornt("RAS"))
-    return nib.orientations.apply_orientation(volume, to_ras)
-
-
-def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Array in closest canonical (RAS+) order -> the voxel order of a file with ``affine``."""
-    source = nib.orientations.io_orientation(affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), source)
-    return nib.orientations.apply_orientation(volume, back)
 
 
 def canonical_label(info: VolumeInfo, cfg: DataConfig) -> np.ndarray:

@@ -107,6 +107,20 @@ def preprocess_case(
     return np.clip(images, 0.0, 1.0), labels, (start, stop)
 
 
+def to_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Array [*shape] in a file's voxel order -> closest canonical (RAS+) order."""
+    source = nib.orientations.io_orientation(affine)
+    to_ras = nib.orientations.ornt_transform(source, nib.orientations.axcodes2ornt("RAS"))
+    return nib.orientations.apply_orientation(volume, to_ras)
+
+
+def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Array in closest canonical (RAS+) order -> the voxel order of a file with ``affine``."""
+    source = nib.orientations.io_orientation(affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), source)
+    return nib.orientations.apply_orientation(volume, back)
+
+
 def slices_to_volume(
     slices: np.ndarray, info: VolumeInfo, order: int = 0, fill: float = 0
 ) -> np.ndarray:
@@ -123,9 +137,7 @@ def slices_to_volume(
     plane = resize_plane(np.moveaxis(slices, 0, 2), (nx, ny), order=order)
     canonical = np.full((nx, ny, nz), fill, dtype=plane.dtype)
     canonical[:, :, start:stop] = plane
-    source_ornt = nib.orientations.io_orientation(info.affine)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), source_ornt)
-    return nib.orientations.apply_orientation(canonical, back)
+    return from_canonical(canonical, info.affine)
 
 
 def volume_info(

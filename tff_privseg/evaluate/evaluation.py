@@ -36,9 +36,9 @@ from tff_privseg.data.geometry import (
     hard_classes,
     mask_image,
     mask_on_grid,
-    to_canonical,
 )
 from tff_privseg.data.nifti import open_nifti
+from tff_privseg.data.preprocess import to_canonical
 from tff_privseg.errors import UserError
 from tff_privseg.evaluate.output import check_output, staged_output
 from tff_privseg.evaluate.overlay import pick_overlay_slices, write_overlay

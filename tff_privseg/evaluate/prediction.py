@@ -15,9 +15,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from tff_privseg.data.geometry import classes_in_plane, from_canonical, mask_image
+from tff_privseg.data.geometry import classes_in_plane, mask_image
 from tff_privseg.data.layout import NIFTI_SUFFIXES, case_id
-from tff_privseg.data.preprocess import resize_plane, scale_intensity
+from tff_privseg.data.preprocess import from_canonical, resize_plane, scale_intensity
 from tff_privseg.errors import UserError
 from tff_privseg.evaluate.output import check_output, save_nifti, staged_output
 from tff_privseg.evaluate.scans import Scan, list_scans, open_scan, read_scan

@@ -1,17 +1,7 @@
 """The training driver: data -> TFF process rounds -> run directory.
 
-Run directory (`train --out RUN`):
-  config.toml      resolved config
-  metrics.jsonl    one object per round: round, val_dice, epsilon, delta, seconds, sites;
-                   loss and examples only without DP, sites not under site-level DP
-                   (`round_row`)
-  privacy.json     the privacy ledger: every number needed to recompute ε
-  checkpoints/     round_NNNNNN.npz (TFF state + ledger + noise key, one atomic file each)
-  secret/run_key   the run's secret noise key, written before round 1, reused by --resume
-  secret/data_digest  keyed digest of the training/validation slices (--resume refuses other data)
-  model.keras      final Keras model (probabilities out), and model.weights.h5
-  tensorboard/     scalars per round
-  .lock            held (flock) by the one train running on the directory
+The run directory it writes is described in `rundir.layout`; a metrics row is `round_row`
+(loss and examples only without DP, sites not under site-level DP).
 
 Secrets (the key, the checkpoints holding it) are 0600 in 0700 folders whatever the umask.
 Lifecycle: `prepare_run_dir` (lock, checks) -> data loaded, process built -> `RunDir.begin`
@@ -20,7 +10,6 @@ Lifecycle: `prepare_run_dir` (lock, checks) -> data loaded, process built -> `Ru
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +38,7 @@ from tff_privseg.privacy.schedule import (
     sampling_rate,
     sites_per_round,
 )
-from tff_privseg.rundir import RunDir, checkpoint, prepare_run_dir, read_run_key
+from tff_privseg.rundir import RunDir, checkpoint, epsilon_to_json, prepare_run_dir, read_run_key
 
 
 @dataclass
@@ -240,7 +229,7 @@ def _train_federated(
     elif resume:
         run.truncate_metrics(0)
     eval_model = model_fn()
-    writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+    writer = tf.summary.create_file_writer(str(run.tensorboard))
     stopped = None
     rows = run.metrics_rows()
     bar = _progress_bar(progress, start, cfg.train.rounds)
@@ -336,7 +325,7 @@ def round_row(
     if level == "none":
         row["loss"] = loss
     row["val_dice"] = val_dice
-    row["epsilon"] = None if math.isinf(epsilon) else epsilon
+    row["epsilon"] = epsilon_to_json(epsilon)
     row["delta"] = cfg.privacy.delta if level != "none" else None
     row["seconds"] = seconds
     if level == "none":
@@ -380,7 +369,7 @@ def _train_centralized(
     if resume:
         run.truncate_metrics(0)
     rows = []
-    writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+    writer = tf.summary.create_file_writer(str(run.tensorboard))
     for r in range(cfg.train.rounds):
         t0 = time.perf_counter()
         hist = model.fit(
@@ -473,7 +462,7 @@ def _summary(
         "best_val_dice": max(
             (r["val_dice"] for r in rows if r["val_dice"] == r["val_dice"]), default=None
         ),
-        "epsilon": None if math.isinf(ledger.epsilon) else ledger.epsilon,
+        "epsilon": epsilon_to_json(ledger.epsilon),
         "delta": cfg.privacy.delta if cfg.privacy.level != "none" else None,
         "privacy": cfg.privacy.level,
         "seconds": sum(r["seconds"] for r in rows),

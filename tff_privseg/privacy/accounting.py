@@ -127,7 +127,7 @@ class PrivacyLedger:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["epsilon"] = None if math.isinf(self.epsilon) else self.epsilon
+        out["epsilon"] = epsilon_to_json(self.epsilon)
         out["sampling_rate"] = {n: u.sampling_rate for n, u in self.units.items()}
         out["steps"] = {n: u.steps for n, u in self.units.items()}
         out["recompute"] = (
@@ -142,8 +142,22 @@ class PrivacyLedger:
         keep = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         keep["units"] = {n: UnitLedger(**u) for n, u in raw["units"].items()}
         out = cls(**keep)
-        out.epsilon = math.inf if raw.get("epsilon") is None else raw["epsilon"]
+        out.epsilon = epsilon_from_json(raw.get("epsilon"))
         return out
+
+
+def epsilon_to_json(epsilon: float) -> float | None:
+    """ε as the run directory's JSON files hold it (JSON has no infinity): None for ∞."""
+    return None if math.isinf(epsilon) else epsilon
+
+
+def epsilon_from_json(raw: Any) -> float | None:
+    """ε as read back: `null` -> ∞, a number -> float; anything else -> None (not an ε)."""
+    if raw is None:
+        return math.inf
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    return None
 
 
 def epsilon_of_ledger(raw: dict[str, Any]) -> float:

@@ -1,6 +1,8 @@
 """ε in the run directory's JSON files (privacy.json, metrics.jsonl, checkpoint headers).
 
-JSON has no infinity: ε = ∞ (no DP) is written as `null`, a finite ε as its number.
+JSON has no infinity: ε = ∞ (no DP) is written as `null`, a finite ε as its number. The
+encoding is the privacy ledger's own (`privacy.accounting`), so the ledger and every other
+file of the run write ε the same way.
 """
 
 from __future__ import annotations
@@ -8,19 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tff_privseg.privacy.accounting import epsilon_from_json, epsilon_to_json
 
-def epsilon_to_json(epsilon: float) -> float | None:
-    """ε as written: None for ∞."""
-    return None if math.isinf(epsilon) else epsilon
-
-
-def epsilon_from_json(raw: Any) -> float | None:
-    """ε as read back: `null` -> ∞, a number -> float; anything else -> None (not an ε)."""
-    if raw is None:
-        return math.inf
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        return float(raw)
-    return None
+__all__ = ["epsilon_from_json", "epsilon_to_json", "finite_epsilon"]
 
 
 def finite_epsilon(raw: Any) -> float | None:
