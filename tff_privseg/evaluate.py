@@ -47,7 +47,8 @@ import numpy as np
 from tff_privseg import config as config_lib
 from tff_privseg.config import Config, DataConfig
 from tff_privseg.data import SiteData, SliceSet, VolumeInfo, ensure_synthetic, load_sites
-from tff_privseg.data.layout import NIFTI_SUFFIXES, case_id
+from tff_privseg.data.layout import NIFTI_SUFFIXES, CaseFiles, case_id
+from tff_privseg.data.loader import allowed_labels, read_case_files
 from tff_privseg.data.nifti import as_label_array, check_finite, open_nifti, read_canonical
 from tff_privseg.data.preprocess import (
     map_labels,
@@ -303,9 +304,21 @@ def from_canonical(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def canonical_label(info: VolumeInfo, cfg: DataConfig) -> np.ndarray:
     """The source label file as uint8 class ids [*info.canonical_shape] (canonical order)."""
+    if not (info.label_path.endswith(NIFTI_SUFFIXES) and info.image_path.endswith(NIFTI_SUFFIXES)):
+        kind = "dicom" if Path(info.image_path).is_dir() else "files"
+        case = CaseFiles(info.site, info.case, Path(info.image_path), Path(info.label_path), kind)
+        label = read_case_files(case, cfg, allowed_labels(cfg, {})).label
+        return map_labels(label, cfg.labels, cfg.foreground_labels)
     img = open_nifti(info.label_path)
     data, _ = read_canonical(img, info.label_path)
     return map_labels(as_label_array(data, info.label_path), cfg.labels, cfg.foreground_labels)
+
+
+def source_image(info: VolumeInfo) -> nib.Nifti1Image:
+    """The NIfTI source image of a volume; for DICOM/NRRD input, an image on its voxel grid."""
+    if info.image_path.endswith(NIFTI_SUFFIXES):
+        return open_nifti(info.image_path)
+    return nib.Nifti1Image(np.zeros(info.shape, np.uint8), info.affine)
 
 
 def mask_image(mask: np.ndarray, source: nib.Nifti1Image, num_classes: int) -> nib.Nifti1Image:
@@ -493,7 +506,7 @@ def evaluate_site(
         mask = mask_on_grid(probs[slices.volume_slices(i)], info)
         rel = Path("predictions", site.name, f"{info.case}.nii.gz")
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(mask_image(mask, open_nifti(info.image_path), cfg.num_classes), out / rel)
+        nib.save(mask_image(mask, source_image(info), cfg.num_classes), out / rel)
         start, stop = info.z_range
         pred = to_canonical(mask, info.affine)[:, :, start:stop]
         true = canonical_label(info, cfg)[:, :, start:stop]
