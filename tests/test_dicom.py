@@ -438,3 +438,33 @@ def test_error_from_a_fresh_process(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(case / "label.dcm") in lines[0] and "no ROI matches" in lines[0]
+
+
+def test_cache_key_covers_every_slice_and_the_roi_mapping(tmp_path: Path) -> None:
+    from tff_privseg.data.loader import cache_key
+
+    root, case, _ = one_case(tmp_path, "rtstruct")
+    cfg = data_config()
+    (files,) = discover_sites(root)[0].cases
+    key = cache_key(files, cfg, {0, 1})
+    path = _slice_file(case, 6)  # neither the first nor the last file
+    ds = pydicom.dcmread(path)
+    ds.RescaleIntercept = -1000
+    ds.save_as(path)
+    assert cache_key(files, cfg, {0, 1}) not in (key, None)
+    renamed = DataConfig(test_fraction=0.0, val_fraction=0.0, roi_labels={"gtv-1": 2})
+    assert cache_key(files, renamed, {0, 1, 2}) != cache_key(files, cfg, {0, 1, 2})
+
+
+def test_evaluation_reads_the_dicom_label(dataset: dict) -> None:
+    """evaluate.canonical_label (the native-resolution truth) re-reads a DICOM case."""
+    from tff_privseg.evaluate import canonical_label, source_image
+
+    cfg = data_config()
+    sites = {s.files.name: s for s in prepare_sites(cfg, dataset["root"], cache=False)}
+    for name, case in (("dicom_seg", "pat1"), ("dicom_rt", "pat2"), ("nrrd", "pat4")):
+        info = sites[name].volumes[case].info
+        np.testing.assert_array_equal(
+            canonical_label(info, cfg), dataset["label"][::-1, ::-1, :], err_msg=name
+        )
+        assert source_image(info).shape == (NI, NJ, NK)
