@@ -805,14 +805,25 @@ def _describe(scan: Scan, mask: np.ndarray, out: Path) -> dict[str, Any]:
 
 
 def predict(
-    model_path: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 32
+    model_path: str | Path,
+    inputs: str | Path,
+    out: str | Path,
+    batch_size: int = 32,
+    fmt: str = "auto",
 ) -> dict[str, Any]:
     """Segment a scan (``out`` = mask file) or every scan of a folder (``out`` = folder).
 
     Masks are uint8 NIfTI with the scan's shape and affine. Everything is validated and written
-    to temporary names first: a bad scan leaves nothing behind.
+    to temporary names first: a bad scan leaves nothing behind. A DICOM CT series folder goes
+    to ``predict_dicom`` (DICOM-SEG by default, or ``fmt="nifti"``).
     """
     inputs, out = Path(inputs), Path(out)
+    from tff_privseg import predict_dicom as dicom  # noqa: PLC0415 - DICOM input hook
+
+    if dicom.is_dicom_series(inputs):
+        return dicom.predict_dicom(model_path, inputs, out, batch_size, fmt)
+    if fmt == "dicom-seg":
+        raise UserError("DICOM-SEG output needs a DICOM CT series folder as input", inputs)
     scans = list_scans(inputs)
     if inputs.is_file():
         if not out.name.endswith(NIFTI_SUFFIXES):
