@@ -101,3 +101,31 @@ def test_dicom_seg_needs_a_series(tmp_path: Path) -> None:
     args = ["predict", "--model", "x", str(scan), "--out", str(tmp_path / "o"), "--format"]
     result = CliRunner().invoke(cli, [*args, "dicom-seg"])
     assert result.exit_code != 0 and "needs a DICOM CT series" in result.output
+
+
+def _strip_and_shift(path: Path, shift_frame: int | None = None) -> None:
+    ds = pydicom.dcmread(path)
+    for n, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        if "SpatialLocationsPreserved" in source:
+            del source.SpatialLocationsPreserved
+        if n == shift_frame:
+            pos = frame.PlanePositionSequence[0].ImagePositionPatient
+            frame.PlanePositionSequence[0].ImagePositionPatient = [pos[0], pos[1], pos[2] + 1.0]
+    ds.save_as(path)
+
+
+def test_seg_without_spatial_locations_preserved(tmp_path: Path) -> None:
+    """dcmqi SEGs (the RIDER one among them) omit SpatialLocationsPreserved: each frame's
+    position is checked against its source slice instead."""
+    from tff_privseg.errors import UserError
+
+    stored, _, label = arrays()
+    write_series(tmp_path / "CT", stored)
+    series = read_series(tmp_path / "CT")
+    out = write_seg(label, series, tmp_path / "seg.dcm")
+    _strip_and_shift(out)
+    np.testing.assert_array_equal(read_seg(out, series, {}), label)
+    _strip_and_shift(out, shift_frame=1)
+    with pytest.raises(UserError, match="SEG frame 2 lies at .* not on its source slice"):
+        read_seg(out, series, {})

@@ -326,12 +326,14 @@ def read_seg(path: Path, series: Series, roi_labels: Mapping[str, int]) -> np.nd
             )
     else:
         values = {n: n for n in names}
+    _check_frame_positions(seg, series, path)
     try:
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=list(series.sop_uids),
             segment_numbers=sorted(values),
             combine_segments=False,
             assert_missing_frames_are_empty=True,
+            ignore_spatial_locations=True,  # checked above, frame by frame
         )  # [K, rows, columns, segments]
     except Exception as e:  # noqa: BLE001
         raise UserError(
@@ -342,6 +344,32 @@ def read_seg(path: Path, series: Series, roi_labels: Mapping[str, int]) -> np.nd
         mask = np.transpose(pixels[..., s] > 0.5, (2, 1, 0))  # [K, rows, cols] -> [I, J, K]
         label[mask] = values[number]
     return label
+
+
+def _check_frame_positions(seg, series: Series, path: Path) -> None:
+    """Every SEG frame must lie on the slice it derives from (ImagePositionPatient within 1%
+    of a voxel). Checked here rather than trusted from SpatialLocationsPreserved, which many
+    real SEGs (dcmqi's among them) leave out and highdicom then refuses to index by."""
+    index = {uid: k for k, uid in enumerate(series.sop_uids)}
+    tol = 0.01 * float(np.min(np.linalg.norm(series.lps[:3, :3], axis=0))) + 1e-3
+    for n, frame in enumerate(seg.get("PerFrameFunctionalGroupsSequence", []), start=1):
+        try:
+            source = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            k = index[str(source.ReferencedSOPInstanceUID)]
+            position = np.array(
+                [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+            )
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            raise UserError(
+                f"SEG frame {n} names no source slice of the CT series or no position", path
+            ) from None
+        expected = (series.lps @ [0.0, 0.0, k, 1.0])[:3]
+        if np.linalg.norm(position - expected) > tol:
+            raise UserError(
+                f"SEG frame {n} lies at {np.round(position, 2).tolist()} mm, not on its source "
+                f"slice {series.files[k].name} at {np.round(expected, 2).tolist()} mm",
+                path,
+            )
 
 
 def read_rtstruct(path: Path, series: Series, roi_labels: Mapping[str, int]) -> np.ndarray:
