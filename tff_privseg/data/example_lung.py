@@ -10,7 +10,7 @@ converted) into the DICOM site layout (``SITE/CASE/CT/*.dcm`` + one RTSTRUCT):
   ``GTVp_test_auto``) and as a DICOM-SEG (dcmqi; two segments both labelled "Neoplasm,
   Primary"). The site keeps the CT and the RTSTRUCT; ``data.roi_labels`` picks the manual ROI.
   The SEG is left out: its segment marked MANUAL (description GTVp_test_man) holds the voxels of
-  the RTSTRUCT's *automatic* ROI and vice versa (Dice 0.99 across, 0.91 between manual and
+  the RTSTRUCT's *automatic* ROI and vice versa (Dice 0.999 across, 0.91 between manual and
   automatic), so which of its segments is manual cannot be trusted. CC BY 4.0 (TCIA).
 * ``radiomics_phantom``: ``pycerr==2.5.1`` wheel, ``cerr/datasets/radiomics_phantom_dicom/``:
   the Radiomics Digital Phantom (CancerData, Lambin 2016): four lung-cancer CT series cropped
@@ -139,7 +139,7 @@ SITES = (
         left_out=(
             f"{_RIDER_SEG}: the DICOM-SEG (dcmqi) of the same two delineations. Its segment 1 "
             "(MANUAL, description GTVp_test_man) holds the voxels of the RTSTRUCT's automatic "
-            "ROI GTVp_test_auto and segment 2 (AUTOMATIC) those of GTVp_test_man (Dice 0.99 "
+            "ROI GTVp_test_auto and segment 2 (AUTOMATIC) those of GTVp_test_man (Dice 0.999 "
             "across; 0.91 between manual and automatic): the SEG's manual/automatic marking "
             "contradicts the original RTSTRUCT, so the RTSTRUCT is used. Both segments are "
             "labelled 'Neoplasm, Primary'. A case folder holds one label file.",
