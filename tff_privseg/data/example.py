@@ -23,14 +23,8 @@ from __future__ import annotations
 import ast
 import difflib
 import gzip
-import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +32,15 @@ import nibabel as nib
 import numpy as np
 
 from tff_privseg.data._fs import staged_dir
+from tff_privseg.data.fetch import PinnedDist, fetch
+from tff_privseg.data.fetch import read_members as read_members_of
 from tff_privseg.data.nifti import AFFINE_ATOL
 from tff_privseg.errors import UserError
 
 TS_VERSION = "2.18.0"
 TS_SDIST = f"totalsegmentator-{TS_VERSION}.tar.gz"
 TS_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"
+TS_DIST = PinnedDist("totalsegmentator", TS_VERSION, TS_SDIST, TS_SHA256, sdist=True)
 CONFIG_NAME = "data.toml"  # written next to the sites: the split settings this data needs
 _TOP = f"totalsegmentator-{TS_VERSION}/"
 _REF = _TOP + "tests/reference_files/"
@@ -92,62 +89,9 @@ SOURCES = (
 )
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tff_privseg"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_sdist(cache_dir: str | Path | None = None) -> Path:
     """The TotalSegmentator sdist, downloaded once with pip into ``cache_dir``."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / TS_SDIST
-    if path.is_file() and _sha256(path) == TS_SHA256:
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--retries",
-            "2",
-            "--timeout",
-            "30",
-            "--disable-pip-version-check",
-            f"totalsegmentator=={TS_VERSION}",
-            "-d",
-            tmp,
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"cannot run pip to download {TS_SDIST} ({e})", cache) from None
-        got = Path(tmp) / TS_SDIST
-        if proc.returncode != 0 or not got.is_file():
-            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            errors = [ln for ln in lines if ln.startswith("ERROR")] or lines
-            why = errors[-1] if errors else f"pip exit code {proc.returncode}"
-            raise UserError(
-                f"could not download totalsegmentator=={TS_VERSION} with pip ({why}); "
-                f"without network, put {TS_SDIST} into this folder",
-                cache,
-            )
-        if _sha256(got) != TS_SHA256:
-            raise UserError(f"downloaded {TS_SDIST} does not match the pinned SHA-256", cache)
-        os.replace(got, path)
-    return path
+    return fetch(TS_DIST, cache_dir)
 
 
 def read_members(sdist: Path) -> dict[str, bytes]:
@@ -155,18 +99,12 @@ def read_members(sdist: Path) -> dict[str, bytes]:
     wanted = {_CLASS_MAP}
     for s in SOURCES:
         wanted |= {_REF + s.ct, _REF + s.seg}
-    out: dict[str, bytes] = {}
-    try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                name = member.name
-                if member.isfile() and (
-                    name in wanted or any(w.endswith("/") and name.startswith(w) for w in wanted)
-                ):
-                    out[name[len(_TOP) :]] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"cannot read the archive ({e})", sdist) from None
-    return out
+    wanted = {w[len(_TOP) :] for w in wanted}
+    return read_members_of(
+        sdist,
+        TS_DIST,
+        lambda name: name in wanted or any(w.endswith("/") and name.startswith(w) for w in wanted),
+    )
 
 
 def total_class_map(source: bytes) -> dict[int, str]:

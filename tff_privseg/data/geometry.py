@@ -7,10 +7,14 @@ Probabilities [n, R, R, C] become class ids by threshold (C = 1, ``p >= THRESHOL
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 
 from tff_privseg.config import DataConfig
+from tff_privseg.data.layout import NIFTI_SUFFIXES, CaseFiles
+from tff_privseg.data.loader import allowed_labels, read_case_files
 from tff_privseg.data.nifti import as_label_array, open_nifti, read_canonical
 from tff_privseg.data.preprocess import (
     map_labels,
@@ -59,9 +63,21 @@ def mask_on_grid(probs: np.ndarray, info: VolumeInfo, threshold: float = THRESHO
 
 def canonical_label(info: VolumeInfo, cfg: DataConfig) -> np.ndarray:
     """The source label file as uint8 class ids [*info.canonical_shape] (canonical order)."""
+    if not (info.label_path.endswith(NIFTI_SUFFIXES) and info.image_path.endswith(NIFTI_SUFFIXES)):
+        kind = "dicom" if Path(info.image_path).is_dir() else "files"
+        case = CaseFiles(info.site, info.case, Path(info.image_path), Path(info.label_path), kind)
+        label = read_case_files(case, cfg, allowed_labels(cfg, {})).label
+        return map_labels(label, cfg.labels, cfg.foreground_labels)
     img = open_nifti(info.label_path)
     data, _ = read_canonical(img, info.label_path)
     return map_labels(as_label_array(data, info.label_path), cfg.labels, cfg.foreground_labels)
+
+
+def source_image(info: VolumeInfo) -> nib.Nifti1Image:
+    """The NIfTI source image of a volume; for DICOM/NRRD input, an image on its voxel grid."""
+    if info.image_path.endswith(NIFTI_SUFFIXES):
+        return open_nifti(info.image_path)
+    return nib.Nifti1Image(np.zeros(info.shape, np.uint8), info.affine)
 
 
 def mask_image(mask: np.ndarray, source: nib.Nifti1Image, num_classes: int) -> nib.Nifti1Image:

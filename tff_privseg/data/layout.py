@@ -12,8 +12,22 @@ A site is either in Medical Segmentation Decathlon layout::
 
     SITE/images/*.nii(.gz)   SITE/labels/*.nii(.gz)     matched by file name.
 
-The case id is the file name without ``.nii``/``.nii.gz`` (and without an nnU-Net ``_0000``
-channel suffix). A case id may occur at one site only: one patient, one hospital.
+In both, a file may also be NRRD (``x.nrrd`` image, ``x.nrrd`` or 3D Slicer ``x.seg.nrrd``
+label; see ``data.nrrd``). The case id is the file name without ``.nii``/``.nii.gz``/
+``.nrrd``/``.seg.nrrd`` (and without an nnU-Net ``_0000`` channel suffix).
+
+Or a site holds DICOM, as exported from a PACS and a contouring system, one folder per patient::
+
+    SITE/<case>/            the case id is the folder name
+        CT series           loose slice files, or in sub-folders (any names)
+        one label file      a DICOM-SEG or an RTSTRUCT, anywhere in <case>/
+
+Files are told apart by their DICOM Modality (CT, SEG, RTSTRUCT), never by name; other DICOM
+objects and non-DICOM files are ignored, hidden files are skipped. A case folder needs exactly
+one CT series and one label file (see ``data.dicom`` for what is checked when it is read).
+A site is taken as DICOM when it has no dataset.json, imagesTr/ or images/ folder.
+
+A case id may occur at one site only: one patient, one hospital.
 """
 
 from __future__ import annotations
@@ -27,32 +41,44 @@ from typing import Literal
 
 from tff_privseg.errors import UserError
 
-Layout = Literal["auto", "msd", "images_labels"]
+Layout = Literal["auto", "msd", "images_labels", "dicom"]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+VOLUME_SUFFIXES = (*NIFTI_SUFFIXES, ".seg.nrrd", ".nrrd")
 
 
 @dataclass(frozen=True)
 class CaseFiles:
+    """One case's input. ``kind="files"``: ``image`` and ``label`` are NIfTI or NRRD files
+    (read by suffix). ``kind="dicom"``: ``image`` is the folder of the CT series, ``label`` the
+    SEG or RTSTRUCT file. ``files`` lists every file the case is read from (the cache key
+    hashes them all); empty means (image, label)."""
+
     site: str
     case: str
     image: Path
     label: Path
+    kind: Literal["files", "dicom"] = "files"
+    files: tuple[Path, ...] = ()
+
+    @property
+    def all_files(self) -> tuple[Path, ...]:
+        return self.files or (self.image, self.label)
 
 
 @dataclass(frozen=True)
 class SiteFiles:
     name: str
     path: Path
-    layout: Literal["msd", "images_labels"]
+    layout: Literal["msd", "images_labels", "dicom"]
     cases: tuple[CaseFiles, ...]
     # Class names declared by dataset.json ({} when there is none): {0: "background", ...}.
     labels: dict[int, str] = field(default_factory=dict)
 
 
 def case_id(path: Path) -> str | None:
-    """``liver_3.nii.gz`` -> ``liver_3``; None for files that are not NIfTI."""
+    """``liver_3.nii.gz`` -> ``liver_3``; None for files that are not NIfTI or NRRD."""
     name = path.name
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in VOLUME_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
             stem = name[: -len(suffix)]
             return stem[:-5] if stem.endswith("_0000") else stem
@@ -153,7 +179,7 @@ def _read_msd(site: Path) -> SiteFiles:
             check_readable_file(path)
         cid = case_id(image)
         if cid is None:
-            raise UserError(f"training[{i}] image is not a .nii/.nii.gz file", meta)
+            raise UserError(f"training[{i}] image is not a .nii/.nii.gz/.nrrd file", meta)
         if cid in cases:
             raise UserError(f"case '{cid}' is listed twice in training", meta)
         cases[cid] = CaseFiles(site.name, cid, image, label)
@@ -172,12 +198,33 @@ def _read_images_labels(site: Path) -> SiteFiles:
     )
 
 
-def _detect(site: Path) -> Literal["msd", "images_labels"]:
+def _read_dicom(site: Path) -> SiteFiles:
+    """One case per visible sub-folder, holding a CT series and a SEG or RTSTRUCT file."""
+    from tff_privseg.data.dicom import find_case  # noqa: PLC0415 - pydicom
+
+    cases = []
+    for folder in sorted(p for p in site.iterdir() if not p.name.startswith(".")):
+        if not folder.is_dir():
+            continue
+        _utf8_name(folder, "case folder")
+        image_dir, files, label = find_case(folder)
+        for path in (*files, label):
+            check_readable_file(path)
+        cases.append(CaseFiles(site.name, folder.name, image_dir, label, "dicom", (*files, label)))
+    return SiteFiles(site.name, site, "dicom", tuple(cases))
+
+
+def _detect(site: Path) -> Literal["msd", "images_labels", "dicom"]:
     if (site / "dataset.json").is_file() or (site / "imagesTr").is_dir():
         return "msd"
     if (site / "images").is_dir():
         return "images_labels"
-    raise UserError("empty site: no dataset.json, imagesTr/ or images/ + labels/ found", site)
+    if any(p.is_dir() and not p.name.startswith(".") for p in site.iterdir()):
+        return "dicom"
+    raise UserError(
+        "empty site: no dataset.json, imagesTr/, images/ + labels/ or DICOM case folders found",
+        site,
+    )
 
 
 def discover_sites(root: str | Path, layout: Layout = "auto") -> list[SiteFiles]:
@@ -201,7 +248,8 @@ def discover_sites(root: str | Path, layout: Layout = "auto") -> list[SiteFiles]
     for folder in folders:
         _utf8_name(folder, "site folder")
         kind = _detect(folder) if layout == "auto" else layout
-        site = _read_msd(folder) if kind == "msd" else _read_images_labels(folder)
+        readers = {"msd": _read_msd, "images_labels": _read_images_labels, "dicom": _read_dicom}
+        site = readers[kind](folder)
         if not site.cases:
             raise UserError("empty site: no CT/label pairs found", folder)
         for case in site.cases:

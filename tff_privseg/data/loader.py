@@ -1,8 +1,9 @@
 """Files -> validated, preprocessed, split slices per site, with an on-disk cache per volume.
 
 Cache entries live under ``cfg.cache_dir`` (default ``<root>/.cache``) as
-``SITE/CASE.<key>.npz``; the key hashes the preprocessing settings, the declared label set and
-the bytes of the image and label files (BLAKE2b), so an edited or corrupted file, whatever its
+``SITE/CASE.<key>.npz``; the key hashes the preprocessing settings, the declared label set, the
+ROI-name mapping and the bytes of every file the case is read from (image and label, or every
+slice of a DICOM series and its SEG/RTSTRUCT; BLAKE2b), so an edited or corrupted file, whatever its
 mtime, or a changed setting is simply a miss (and the file is validated again). Entries are
 written to a temp file and renamed, never half-written; an unreadable entry is recomputed.
 A read-only dataset folder just runs uncached.
@@ -17,12 +18,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from tff_privseg.config import DataConfig
 from tff_privseg.data._fs import atomic_write_bytes
 from tff_privseg.data.layout import CaseFiles, SiteFiles, discover_sites
-from tff_privseg.data.nifti import read_case
+from tff_privseg.data.nifti import CaseVolume, case_from_images, open_nifti, read_case
 from tff_privseg.data.preprocess import preprocess_case, volume_info
 from tff_privseg.data.slices import SiteData, SliceSet, VolumeInfo
 from tff_privseg.data.split import Split, split_site
@@ -95,14 +97,32 @@ def file_digest(path: Path) -> str:
 def cache_key(case: CaseFiles, cfg: DataConfig, allowed: set[int]) -> str | None:
     """Hash of settings + file contents; None when a file cannot be read (no caching)."""
     try:
-        files = [file_digest(case.image), file_digest(case.label)]
+        files = [file_digest(path) for path in case.all_files]
     except OSError:
         return None
-    blob = json.dumps(
-        {"settings": preprocess_settings(cfg), "allowed": sorted(allowed), "files": files},
-        sort_keys=True,
-    )
+    blob = {"settings": preprocess_settings(cfg), "allowed": sorted(allowed), "files": files}
+    if case.kind == "dicom" or any(p.name.lower().endswith(".nrrd") for p in case.all_files):
+        blob["roi_labels"] = sorted(cfg.roi_labels.items())  # (NIfTI keys stay as they were)
+    blob = json.dumps(blob, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def read_case_files(case: CaseFiles, cfg: DataConfig, allowed: set[int]) -> CaseVolume:
+    """One case, whatever its format, as a validated canonical ``CaseVolume``."""
+    if case.kind == "dicom":
+        from tff_privseg.data.dicom import read_dicom_case  # noqa: PLC0415 - pydicom, highdicom
+
+        return read_dicom_case(case.image, case.label, allowed, cfg.roi_labels)
+    from tff_privseg.data import nrrd  # noqa: PLC0415
+
+    if not (nrrd.is_nrrd(case.image) or nrrd.is_nrrd(case.label)):
+        return read_case(case.image, case.label, allowed)
+    image = nrrd.open_image(case.image) if nrrd.is_nrrd(case.image) else open_nifti(case.image)
+    if nrrd.is_nrrd(case.label):
+        label = nib.Nifti1Image(nrrd.open_label(case.label, image, cfg.roi_labels), image.affine)
+    else:
+        label = open_nifti(case.label)
+    return case_from_images(image, label, case.image, case.label, allowed)
 
 
 def _load_cached(path: Path, case: CaseFiles) -> PreparedVolume | None:
@@ -155,7 +175,7 @@ def prepare_volume(
         cached = _load_cached(path, case)
         if cached is not None:
             return cached
-    volume = read_case(case.image, case.label, allowed)
+    volume = read_case_files(case, cfg, allowed)
     images, labels, z_range = preprocess_case(volume, cfg)
     info = volume_info(volume, case.site, case.case, case.image, case.label, z_range)
     prepared = PreparedVolume(images, labels, info, volume.label_counts)

@@ -213,8 +213,19 @@ def read_case(
     voxels; labels are whole numbers within ``allowed_labels``.
     """
     image_path, label_path = Path(image_path), Path(label_path)
-    image_img = open_nifti(image_path)
-    label_img = open_nifti(label_path)
+    return case_from_images(
+        open_nifti(image_path), open_nifti(label_path), image_path, label_path, allowed_labels
+    )
+
+
+def case_from_images(
+    image_img: nib.Nifti1Image,
+    label_img: nib.Nifti1Image,
+    image_path: Path,
+    label_path: Path,
+    allowed_labels: Collection[int],
+) -> CaseVolume:
+    """``read_case`` on opened images (NIfTI files, or NRRD/DICOM data wrapped as NIfTI)."""
     check_same_grid(image_img, label_img, label_path)
     image, canonical_affine = read_canonical(image_img, image_path)
     check_finite(image, image_path)

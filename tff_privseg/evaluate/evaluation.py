@@ -36,8 +36,8 @@ from tff_privseg.data.geometry import (
     hard_classes,
     mask_image,
     mask_on_grid,
+    source_image,
 )
-from tff_privseg.data.nifti import open_nifti
 from tff_privseg.data.preprocess import to_canonical
 from tff_privseg.errors import UserError
 from tff_privseg.evaluate.output import check_output, staged_output
@@ -89,7 +89,7 @@ def evaluate_site(
         mask = mask_on_grid(probs[slices.volume_slices(i)], info)
         rel = Path("predictions", site.name, f"{info.case}.nii.gz")
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(mask_image(mask, open_nifti(info.image_path), cfg.num_classes), out / rel)
+        nib.save(mask_image(mask, source_image(info), cfg.num_classes), out / rel)
         start, stop = info.z_range
         pred = to_canonical(mask, info.affine)[:, :, start:stop]
         true = canonical_label(info, cfg)[:, :, start:stop]

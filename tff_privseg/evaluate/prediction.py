@@ -125,7 +125,7 @@ def _mask_name(scan: Path) -> str:
     return f"{cid}.nii.gz"
 
 
-def _describe(scan: Scan, mask: np.ndarray, out: Path) -> dict[str, Any]:
+def describe(scan: Scan, mask: np.ndarray, out: Path) -> dict[str, Any]:
     voxel_ml = float(np.prod(scan.info.spacing)) / 1000.0
     fg = int(np.count_nonzero(mask))
     return {
@@ -139,14 +139,25 @@ def _describe(scan: Scan, mask: np.ndarray, out: Path) -> dict[str, Any]:
 
 
 def predict(
-    model_path: str | Path, inputs: str | Path, out: str | Path, batch_size: int = 32
+    model_path: str | Path,
+    inputs: str | Path,
+    out: str | Path,
+    batch_size: int = 32,
+    fmt: str = "auto",
 ) -> dict[str, Any]:
     """Segment a scan (``out`` = mask file) or every scan of a folder (``out`` = folder).
 
     Masks are uint8 NIfTI with the scan's shape and affine. Everything is validated and written
-    to temporary names first: a bad scan leaves nothing behind.
+    to temporary names first: a bad scan leaves nothing behind. A DICOM CT series folder goes
+    to ``dicom_prediction`` (DICOM-SEG by default, or ``fmt="nifti"``).
     """
     inputs, out = Path(inputs), Path(out)
+    from tff_privseg.evaluate import dicom_prediction as dicom  # it imports this module
+
+    if dicom.is_dicom_series(inputs):
+        return dicom.predict_dicom(model_path, inputs, out, batch_size, fmt)
+    if fmt == "dicom-seg":
+        raise UserError("DICOM-SEG output needs a DICOM CT series folder as input", inputs)
     scans = list_scans(inputs)
     if inputs.is_file():
         if not out.name.endswith(NIFTI_SUFFIXES):
@@ -172,14 +183,14 @@ def predict(
         except OSError as e:
             raise UserError(f"cannot create the folder ({e.strerror})", out.parent) from None
         save_nifti(mask_image(mask, scan.source, predictor.num_classes), out)
-        results.append(_describe(scan, mask, out))
+        results.append(describe(scan, mask, out))
     else:
         with staged_output(out, PREDICTIONS_FILE) as tmp:
             for path, name in zip(scans, names, strict=True):
                 scan = read_scan(path)
                 mask = predictor(scan)
                 nib.save(mask_image(mask, scan.source, predictor.num_classes), tmp / name)
-                results.append(_describe(scan, mask, out / name))
+                results.append(describe(scan, mask, out / name))
             manifest = {"model": str(model_path), "predictions": results}
             (tmp / PREDICTIONS_FILE).write_text(json.dumps(manifest, indent=2))
     return {"model": str(model_path), "model_kind": predictor.kind, "predictions": results}
