@@ -25,7 +25,7 @@ from tff_privseg.data import example_lung  # noqa: E402
 from tff_privseg.data.fetch import sha256_file  # noqa: E402
 from tff_privseg.data.loader import prepare_sites  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cli.bench import bench
 from tff_privseg import config as config_lib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_quick_dp_overhead_json(tmp_path):

@@ -27,7 +27,7 @@ from tff_privseg.parity.baseline_format import (
 from tff_privseg.parity.compare import compare, format_comparison, load_run
 from tff_privseg.parity.ini import KNOWN_KEYS, convert_ini, read_ini
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 INI = FIXTURES / "segmentation.ini"
 LOG = FIXTURES / "baseline_train.log"

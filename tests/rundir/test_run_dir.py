@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import start_cli, synth_smoke, tagged_worker_pids, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAG = f"tff-privseg-run-dir-{os.getpid()}"  # in the environment of every process we start
 
 

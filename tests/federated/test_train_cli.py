@@ -18,7 +18,7 @@ from conftest import alive, start_cli, synth_smoke, tagged_worker_pids, wait_for
 
 from tff_privseg.privacy.accounting import epsilon_of_ledger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.toml"
 
 

@@ -432,7 +432,7 @@ def test_error_from_a_fresh_process(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

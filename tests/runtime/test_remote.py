@@ -34,7 +34,7 @@ from tff_privseg.runtime import (
 )
 from tff_privseg.runtime.remote import _tff_stub_class
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"
 
 

@@ -1,6 +1,6 @@
 """`data example`: the real CT dataset from TotalSegmentator's sdist (downloads 38 MB once).
 
-Slow and needs the package index: run with ``pytest -m slow tests/test_data_example.py``.
+Slow and needs the package index: run with ``pytest -m slow tests/data/test_data_example.py``.
 """
 
 from __future__ import annotations
