@@ -52,7 +52,13 @@ from cli.common import emit, handle_errors, json_option
 @click.option(
     "--tls-dir",
     type=click.Path(file_okay=False),
-    help="Coordinator credentials for --workers: client.pem, client.key, ca.pem.",
+    help="Coordinator credentials for --workers or --sites: client.pem, client.key, ca.pem.",
+)
+@click.option(
+    "--sites",
+    metavar="NAME=HOST:PORT,...",
+    help="Cross-silo: train with `tff-privseg site serve` processes that keep their data "
+    "(no --data here).",
 )
 @json_option
 @handle_errors
@@ -67,6 +73,7 @@ def train(
     quiet: bool,
     workers: str | None,
     tls_dir: str | None,
+    sites: str | None,
     as_json: bool,
 ) -> None:
     """Train a segmentation model across sites with TFF (and DP), into a run directory.
@@ -90,7 +97,15 @@ def train(
     if privacy_level is not None:
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
-    if workers or tls_dir:
+    if sites:
+        from tff_privseg.federated.cross_silo import check_site_args
+
+        if workers:
+            from tff_privseg.errors import UserError
+
+            raise UserError("give --sites or --workers, not both")
+        check_site_args(sites, tls_dir, data_root)
+    elif workers or tls_dir:
         from tff_privseg.federated.remote import check_remote_args
 
         check_remote_args(workers, tls_dir)
@@ -105,6 +120,7 @@ def train(
         progress=not quiet,
         workers=workers,
         tls_dir=tls_dir,
+        sites=sites,
     )
     # Like the PyTorch baseline: one row per finished training in completed_trainings.csv.
     from tff_privseg.parity.baseline_format import append_completed_training

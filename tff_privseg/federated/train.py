@@ -181,12 +181,18 @@ def train(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     workers: str | list[str] | None = None,
     tls_dir: str | Path | None = None,
+    sites: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Train per `cfg` into run directory `out`; returns the final summary.
 
     workers: remote TFF workers ('HOST:PORT,...', `tff-privseg worker`), reached over mutual
     TLS with the coordinator credentials in `tls_dir`; None runs on a private local worker.
+    sites: cross-silo ('NAME=HOST:PORT,...', `tff-privseg site serve`): no data here.
     """
+    if sites:
+        from tff_privseg.federated.cross_silo import train_cross_silo
+
+        return train_cross_silo(cfg, out, sites, tls_dir, resume, progress, on_round)
     if data_root is not None:  # record where the data really was (evaluate reads it back)
         cfg = cfg.replace(**{"data.root": str(Path(data_root).resolve())})
     run = prepare_run_dir(cfg, Path(out), resume)

@@ -1,0 +1,392 @@
+"""Cross-silo training: the coordinator drives sites that keep their data (`site serve`).
+
+`train --sites A=HOST:PORT,B=...` with no data path. The federated algorithm stays the TFF
+computation of hybrid execution (`hybrid._server_step`: aggregation -- mean, secure-sum
+semantics or `DifferentiallyPrivateFactory` -- and the server optimizer step), and checkpoints
+are the same. `CrossSiloProcess` is a `HybridProcess` whose per-site client update is a remote
+call to the site (mutual TLS gRPC, `tff_privseg.site.wire`); sites train in parallel.
+
+What stays with the coordinator: which sites take part (site-level Poisson sampling from the
+run key, or the public fixed-size subset), the server state, checkpoints and the run directory.
+What the sites own: their data, their Poisson batches, augmentation seeds and DP-SGD noise
+(from each site's own key, per run: `site.state.derive_run_key(site key, run id)`), their
+ledger and policy. `privacy.json` reports each site's ε as the site reported it, and their
+maximum; validation Dice is pooled from the sites' counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from tff_privseg import config as config_lib
+from tff_privseg.config import Config
+from tff_privseg.errors import UserError
+from tff_privseg.federated import checkpoint, sampling
+from tff_privseg.federated.hybrid import HybridProcess
+from tff_privseg.federated.pki import TlsFiles
+from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
+from tff_privseg.site import wire
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_sites(spec: str | Sequence[str]) -> list[tuple[str, str]]:
+    """'A=h1:p1,B=h2:p2' -> [('A', 'h1:p1'), ('B', 'h2:p2')], sorted by site name (the order
+    of the simulation, which loads sites sorted by name)."""
+    from tff_privseg.federated.remote import parse_workers
+
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in (i.strip() for i in items if i.strip()):
+        name, sep, address = item.partition("=")
+        if not sep or not _NAME.match(name):
+            raise UserError(f"--sites: '{item}' is not NAME=HOST:PORT")
+        out.append((name, parse_workers(address)[0]))
+    if not out:
+        raise UserError("--sites: no site given (NAME=HOST:PORT,...)")
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UserError("--sites: a site name is listed twice")
+    return sorted(out)
+
+
+def check_site_args(sites: str, tls_dir: str | Path | None, data_root: str | None) -> None:
+    parse_sites(sites)
+    if data_root is not None:
+        raise UserError("--sites: the coordinator takes no --data (each site holds its own)")
+    if tls_dir is None:
+        raise UserError("--sites needs --tls-dir DIR (client.pem, client.key, ca.pem)")
+    TlsFiles.client(tls_dir).check()
+
+
+def run_id_of(run_key: str) -> str:
+    """The run's public id for the sites (a PRF of the run key: reveals nothing about it)."""
+    h = hashlib.blake2b(b"cross-silo", key=bytes.fromhex(run_key), person=b"silo-run-id")
+    return h.hexdigest()[:32]
+
+
+class SiteError(UserError):
+    pass
+
+
+class SiteClient:
+    """One site over mutual TLS; every failure becomes one line naming the site."""
+
+    def __init__(self, name: str, address: str, creds: grpc.ChannelCredentials) -> None:
+        self.name, self.address = name, address
+        self.channel = grpc.secure_channel(address, creds, options=wire.OPTIONS)
+        self._calls = {m: self.channel.unary_unary(f"/{wire.SERVICE}/{m}") for m in wire.METHODS}
+        self.config_digest = ""
+
+    def call(
+        self,
+        method: str,
+        header: dict[str, Any],
+        tensors: Sequence[np.ndarray] = (),
+        what: str = "",
+    ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        request = wire.encode(header, list(tensors), side="coordinator", method=method)
+        try:
+            response = self._calls[method](request)
+        except grpc.RpcError as e:
+            code, details = e.code(), (e.details() or "").strip()
+            what = what or method
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise SiteError(f"site {self.name} refused {what}: {details}") from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise SiteError(
+                    f"site {self.name} ({self.address}) unreachable or lost during {what} "
+                    f"({_short(details)}); the last checkpoint is intact: restart the site and "
+                    "run `train --resume`"
+                ) from None
+            raise SiteError(f"site {self.name} failed {what}: {_short(details)}") from None
+        return wire.decode(response, side="coordinator", method=method)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _short(text: str) -> str:
+    return (text.splitlines() or [""])[0][:300]
+
+
+class CrossSiloProcess(HybridProcess):
+    """`HybridProcess` whose client update runs at the site, over gRPC."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def client_update(self, weights: Sequence[np.ndarray], data: dict, lr: float) -> tuple:
+        client: SiteClient = data["site"]
+        r = data["round"]
+        header, delta = client.call(
+            "Round",
+            {
+                "run_id": data["run_id"],
+                "round": r,
+                "lr": float(lr),
+                "config_digest": client.config_digest,
+            },
+            [np.asarray(w) for w in weights],
+            what=f"round {r + 1}",
+        )
+        self.reports[client.name] = header
+        return (
+            delta,
+            np.float32(header["weight"]),
+            np.int64(header["examples"]),
+            np.float32(header["loss"]),
+        )
+
+    def next(self, state, client_data: Sequence[dict]):
+        weights = state.global_model_weights.trainable
+        lr = np.float32(state.client_work)
+        self.reports = {}
+        results = _parallel([lambda d=d: self.client_update(weights, d, lr) for d in client_data])
+        updates, update_weights, examples, losses = (
+            [list(col) for col in zip(*results, strict=True)] if results else ([], [], [], [])
+        )
+        return self._server_step(state, updates, update_weights, examples, losses)
+
+
+def _parallel(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run the calls on threads; results in order; the first failure (in order) is raised
+    once all have ended."""
+    if not calls:
+        return []
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futs = [pool.submit(c) for c in calls]
+        return [f.result() for f in futs]
+
+
+def chosen_sites(cfg: Config, names: list[str], round_num: int, run_key: str) -> list[int]:
+    """The round's sites, as `train.plan_round` chooses them (the coordinator's choice)."""
+    from tff_privseg.schedule import sites_per_round
+
+    k = sites_per_round(cfg, len(names))
+    if cfg.privacy.level == "site":
+        return sampling.poisson_sites(names, k / len(names), run_key, round_num).tolist()
+    gen = sampling.rng(cfg.train.seed, round_num, -1, "sites")
+    return sampling.sample_sites(len(names), k, gen).tolist()
+
+
+def _sites_ledger(cfg: Config, hello: dict[str, dict[str, Any]]) -> PrivacyLedger:
+    """The federation's ledger as the sites state it (sample level), or the coordinator's own
+    (site level: the noise is added here)."""
+    p = cfg.privacy
+    ledger = PrivacyLedger(
+        level=p.level,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+        l2_norm_clip=p.l2_norm_clip,
+        delta=p.delta,
+    )
+    if p.level == "sample":
+        ledger.unit = p.unit
+        for name, h in hello.items():
+            ledger.units[name] = UnitLedger(h["sampling_rate"], 0, h["records"])
+    elif p.level == "site":
+        ledger.unit = "site"
+        from tff_privseg.schedule import sites_per_round
+
+        n = len(hello)
+        ledger.units["federation"] = UnitLedger(sites_per_round(cfg, n) / n, 0, n)
+    ledger.refresh()
+    return ledger
+
+
+def _with_reports(ledger: PrivacyLedger, reports: dict[str, dict[str, Any]]) -> PrivacyLedger:
+    """`ledger` with each reporting site's steps and ε as the site reported them."""
+    for name, rep in reports.items():
+        if "epsilon" in rep and name in ledger.units:
+            u = ledger.units[name]
+            ledger.units[name] = UnitLedger(rep["sampling_rate"], rep["steps"], u.records)
+            ledger.epsilon_per_unit[name] = float(rep["epsilon"])
+    if ledger.epsilon_per_unit:
+        ledger.epsilon = max(ledger.epsilon_per_unit.values())
+    return ledger
+
+
+def train_cross_silo(
+    cfg: Config,
+    out: str | Path,
+    sites: str | Sequence[str],
+    tls_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """`train --sites`: the coordinator's loop. No data is read here."""
+    from tff_privseg.federated.remote import RemoteTls
+    from tff_privseg.federated.run_dir import prepare_run_dir
+    from tff_privseg.federated.runtime import local_runtime
+
+    addresses = parse_sites(sites)
+    creds = RemoteTls.from_dir(tls_dir).credentials()
+    run = prepare_run_dir(cfg, Path(out), resume)
+    clients = [SiteClient(n, a, creds) for n, a in addresses]
+    try:
+        run.check_data([], resume)  # the coordinator holds no data; each site checks its own
+        with local_runtime():  # the server step: a TFF computation on a private local worker
+            return _loop(cfg, run, clients, resume, progress, on_round)
+    except BaseException:
+        run.abandon()  # failed before any round: leave nothing
+        raise
+    finally:
+        for c in clients:
+            c.close()
+        run.close()
+
+
+def _loop(cfg, run, clients: list[SiteClient], resume, progress, on_round) -> dict[str, Any]:
+    import tensorflow as tf
+
+    from tff_privseg.federated.client import DpSgdSpec
+    from tff_privseg.federated.run_dir import read_run_key
+    from tff_privseg.federated.train import (
+        _advance,
+        _assign,
+        _model_fn,
+        _progress_bar,
+        _save_model,
+        _summary,
+        _tensorboard,
+        _warn,
+        round_row,
+    )
+    from tff_privseg.losses import get_loss
+    from tff_privseg.schedule import client_lr, sites_per_round
+
+    names = [c.name for c in clients]
+    text = config_lib.dumps(cfg)
+    hello = dict(
+        zip(
+            names,
+            (
+                h
+                for h, _ in _parallel(
+                    [lambda c=c: c.call("Hello", {"site": c.name, "config": text}) for c in clients]
+                )
+            ),
+            strict=True,
+        )
+    )
+    for c in clients:
+        c.config_digest = hello[c.name]["config_digest"]
+    dp = None
+    if cfg.privacy.level == "sample":  # types only: the DP-SGD itself runs at the sites
+        dp = DpSgdSpec(cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, cfg.train.batch_size)
+    model_fn = _model_fn(cfg)
+    process = CrossSiloProcess(
+        cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(clients)), dp
+    )
+    state = process.initialize()
+    ledger, start = _sites_ledger(cfg, hello), 0
+    found = checkpoint.load_newest(run.checkpoints, state, _warn) if resume else None
+    if found is not None and found[2]["run_key"] != read_run_key(run):
+        raise UserError(f"made with another run key than {run.key_file}", found[0])
+    run_key = run.begin(cfg, resume)
+    run_id = run_id_of(run_key)
+    if found is not None:
+        _, state, header = found
+        ledger = PrivacyLedger.from_json(header["ledger"])
+        start = header["round"]
+        if cfg.privacy.level == "site" and run.rounds_released() > start:
+            from tff_privseg.federated.train import _count_site_level_reruns
+
+            ledger = _count_site_level_reruns(cfg, ledger, run.rounds_released() - start)
+        run.truncate_metrics(start)
+        if "row" in header and not any(r["round"] == start for r in run.metrics_rows()):
+            run.append_metrics(header["row"])
+    elif resume:
+        run.truncate_metrics(0)
+    eval_model = model_fn()
+    writer = tf.summary.create_file_writer(str(run.path / "tensorboard"))
+    rows, stopped = run.metrics_rows(), None
+    bar = _progress_bar(progress, start, cfg.train.rounds)
+    for r in range(start, cfg.train.rounds):
+        chosen = chosen_sites(cfg, names, r, run_key)
+        if cfg.privacy.level == "sample":
+            next_ledger = ledger.with_round(
+                {names[i]: hello[names[i]]["local_steps"] for i in chosen}
+            )
+        else:
+            next_ledger = ledger.with_round({"federation": 1})
+        budget = cfg.privacy.target_epsilon
+        if budget > 0 and next_ledger.epsilon > budget:
+            stopped = (
+                f"stopped before round {r + 1}: ε would reach {next_ledger.epsilon:.3f} "
+                f"> target_epsilon {budget}"
+            )
+            break
+        t0 = time.perf_counter()
+        state = state._replace(client_work=np.float32(client_lr(cfg, r)))
+        inputs = [{"site": clients[i], "round": r, "run_id": run_id} for i in chosen]
+        output = process.next(state, inputs)
+        state, metrics = output.state, output.metrics["client_work"]
+        examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
+        ledger = _with_reports(next_ledger, process.reports)
+        weights = process.get_model_weights(state).trainable
+        row = round_row(
+            cfg,
+            r + 1,
+            val_dice=_validation_dice(clients, weights, r),
+            epsilon=ledger.epsilon,
+            seconds=time.perf_counter() - t0,
+            loss=loss_sum / examples if examples else float("nan"),
+            examples=examples,
+            sites=[names[i] for i in chosen],
+        )
+        header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key, "row": row}
+        checkpoint.save(run.checkpoints, r + 1, state, header)
+        run.publish_ledger(ledger)
+        run.append_metrics(row)
+        _tensorboard(writer, row)
+        rows.append(row)
+        _advance(bar, row)
+        if on_round:
+            on_round(row)
+    if bar is not None:
+        bar.close()
+    if not run.privacy.exists():
+        run.publish_ledger(ledger)
+    _assign(eval_model, process.get_model_weights(state).trainable)
+    _save_model(eval_model, run)
+    summary = _summary(cfg, run, rows, ledger, stopped)
+    summary["sites"] = {c.name: c.address for c in clients}
+    return summary
+
+
+def _validation_dice(clients: list[SiteClient], weights: list[np.ndarray], r: int) -> float:
+    """Mean over sites of each site's pooled validation Dice, from its counts (as
+    `train.validation_dice` computes it on the sites' data in the simulation)."""
+    from tff_privseg.metrics import POOLED_EPS
+
+    tensors = [np.asarray(w) for w in weights]
+    counts = _parallel(
+        [
+            lambda c=c: c.call(
+                "Evaluate",
+                {"round": r, "config_digest": c.config_digest},
+                tensors,
+                what=f"validation of round {r + 1}",
+            )[0]
+            for c in clients
+        ]
+    )
+    scores = [
+        (2.0 * h["tp"] + POOLED_EPS) / (h["pred"] + h["true"] + POOLED_EPS)
+        for h in counts
+        if h.get("val_slices")
+    ]
+    return float(np.mean(scores)) if scores else float("nan")
