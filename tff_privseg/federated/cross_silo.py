@@ -16,7 +16,6 @@ maximum; validation Dice is pooled from the sites' counts.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from tff_privseg.federated.hybrid import HybridProcess
 from tff_privseg.federated.pki import TlsFiles
 from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
 from tff_privseg.site import wire
+from tff_privseg.site.state import run_id_of
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -66,12 +66,6 @@ def check_site_args(sites: str, tls_dir: str | Path | None, data_root: str | Non
     if tls_dir is None:
         raise UserError("--sites needs --tls-dir DIR (client.pem, client.key, ca.pem)")
     TlsFiles.client(tls_dir).check()
-
-
-def run_id_of(run_key: str) -> str:
-    """The run's public id for the sites (a PRF of the run key: reveals nothing about it)."""
-    h = hashlib.blake2b(b"cross-silo", key=bytes.fromhex(run_key), person=b"silo-run-id")
-    return h.hexdigest()[:32]
 
 
 class SiteError(UserError):
@@ -275,7 +269,12 @@ def _loop(cfg, run, clients: list[SiteClient], resume, progress, on_round) -> di
             (
                 h
                 for h, _ in _parallel(
-                    [lambda c=c: c.call("Hello", {"site": c.name, "config": text}) for c in clients]
+                    [
+                        lambda c=c: c.call(
+                            "Hello", {"site": c.name, "config": text}, what="the run's settings"
+                        )
+                        for c in clients
+                    ]
                 )
             ),
             strict=True,

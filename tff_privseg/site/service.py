@@ -336,6 +336,26 @@ def _request_digest(config_digest: str, round_num: int, lr: float, weights: list
     return h.hexdigest()
 
 
+def start_server(
+    service: SiteService, host: str, port: int, tls: TlsFiles
+) -> tuple[grpc.Server, int]:
+    """A started gRPC server for `service` behind mutual TLS, and the port it is bound to."""
+    tls.check()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.OPTIONS)
+    server.add_generic_rpc_handlers((service.handler(),))
+    try:
+        bound = server.add_secure_port(
+            f"{host}:{port}", wire.server_credentials(tls.cert, tls.key, tls.ca)
+        )
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        server.stop(None)
+        raise UserError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound
+
+
 def serve(
     service: SiteService,
     host: str,
@@ -345,19 +365,8 @@ def serve(
 ) -> None:
     """Serve until SIGINT/SIGTERM (raised in this, the main, thread); the server is stopped on
     every way out."""
-    tls.check()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.OPTIONS)
+    server, bound = start_server(service, host, port, tls)
     try:
-        server.add_generic_rpc_handlers((service.handler(),))
-        try:
-            bound = server.add_secure_port(
-                f"{host}:{port}", wire.server_credentials(tls.cert, tls.key, tls.ca)
-            )
-        except RuntimeError:
-            bound = 0
-        if not bound:
-            raise UserError(f"cannot listen on {host}:{port}")
-        server.start()
         log.info("site %s listening on %s:%d", service.name, host, bound)
         if on_ready is not None:
             on_ready(host, bound)

@@ -36,6 +36,13 @@ def derive_run_key(site_key: str, run_id: str) -> str:
     return h.hexdigest()[:64]
 
 
+def run_id_of(run_key: str) -> str:
+    """A run's public id, as the coordinator gives it to the sites: a PRF of the coordinator's
+    run key (it reveals nothing about the key; the same run keeps it across --resume)."""
+    h = hashlib.blake2b(b"cross-silo", key=bytes.fromhex(run_key), person=b"silo-run-id")
+    return h.hexdigest()[:32]
+
+
 class SiteState:
     def __init__(self, folder: str | Path) -> None:
         self.folder = private_dir(folder)
