@@ -396,3 +396,44 @@ def test_site_lost_mid_round_then_restarted_and_resumed(world, trained):
         2,
         3,
     ]
+
+
+# --- units (no processes) ----------------------------------------------------------------
+
+
+def test_wire_round_trip_and_site_config_checks(tmp_path):
+    from tff_privseg.errors import UserError
+    from tff_privseg.federated.cross_silo import parse_sites
+    from tff_privseg.site import wire
+    from tff_privseg.site.policy import load_site_config, refusal
+
+    tensors = [np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros((0,), np.int64)]
+    data = wire.encode({"a": 1}, tensors, side="t", method="Round")
+    header, back = wire.decode(data, side="t", method="Round")
+    assert header == {"a": 1}
+    for x, y in zip(tensors, back, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+
+    path = tmp_path / "site.toml"
+    path.write_text(SITE_TOML)
+    site = load_site_config(path)
+    assert site.policy.max_epsilon == 50.0 and site.cfg.data.resolution == 32
+    cfg = config_lib.load(SMOKE)
+    assert refusal(site.policy, cfg, 0.25) is None
+    assert "sampling rate 0.75 exceeds" in refusal(site.policy, cfg, 0.75)
+    patient = cfg.replace(**{"privacy.unit": "patient"})
+    assert "privacy unit 'patient' differs" in refusal(site.policy, patient, 0.25)
+    path.write_text(SITE_TOML.replace("max_epsilon = 50.0", "max_epsilon = 5\nextra = 1"))
+    with pytest.raises(UserError, match="unknown key site.accept.extra"):
+        load_site_config(path)
+    path.write_text(SITE_TOML.replace("delta = 1e-5", ""))
+    with pytest.raises(UserError, match="missing key site.accept.delta"):
+        load_site_config(path)
+
+    assert parse_sites("b=h:2,a=h:1") == [("a", "h:1"), ("b", "h:2")]
+    for bad in ("a=h:1,a=h:2", "h:1", "a=h", ""):
+        with pytest.raises(UserError, match="--sites"):
+            parse_sites(bad)
+    k = derive_run_key(SITE_KEY, run_id_of(COORD_KEY))
+    assert len(k) == 64 and k != derive_run_key("00" * 32, run_id_of(COORD_KEY))
+    assert k == derive_run_key(SITE_KEY, run_id_of(COORD_KEY))

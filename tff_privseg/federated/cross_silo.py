@@ -50,7 +50,12 @@ def parse_sites(spec: str | Sequence[str]) -> list[tuple[str, str]]:
         name, sep, address = item.partition("=")
         if not sep or not _NAME.match(name):
             raise UserError(f"--sites: '{item}' is not NAME=HOST:PORT")
-        out.append((name, parse_workers(address)[0]))
+        try:
+            out.append((name, parse_workers(address)[0]))
+        except UserError:
+            raise UserError(
+                f"--sites: '{item}' is not NAME=HOST:PORT (IPv6: [ADDR]:PORT)"
+            ) from None
     if not out:
         raise UserError("--sites: no site given (NAME=HOST:PORT,...)")
     names = [n for n, _ in out]
@@ -226,6 +231,8 @@ def train_cross_silo(
     from tff_privseg.federated.runtime import local_runtime
 
     addresses = parse_sites(sites)
+    if cfg.train.mode != "federated":
+        raise UserError("--sites: train.mode = centralized pools the data; use a federated config")
     creds = RemoteTls.from_dir(tls_dir).credentials()
     run = prepare_run_dir(cfg, Path(out), resume)
     clients = [SiteClient(n, a, creds) for n, a in addresses]

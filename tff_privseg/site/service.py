@@ -151,7 +151,8 @@ class SiteService:
         differ = data_differences(self.site_cfg.cfg, cfg)
         if differ:
             raise Refused(f"config differs from the site's data settings in {', '.join(differ)}")
-        session = _Session(cfg, self.site)
+        # the same config again (a coordinator resuming): the traced update is reused
+        session = self._sessions.get(config_digest(cfg)) or _Session(cfg, self.site)
         why = refusal(self.policy, cfg, session.sampling_rate)
         if why:
             raise Refused(why)
