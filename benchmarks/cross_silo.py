@@ -11,7 +11,8 @@ for the same sites, data, steps, keys and the same start weights:
 
 Headline `ratio`: cross-silo round / simulation round (median of paired rounds; each
 cross-silo round includes the Round calls, the server step and the Evaluate calls of
-validation, the simulation round its `next` plus the same validation in-process). Bytes per
+validation and the sites' own accounting, the simulation round its `next`, the same
+validation in-process and the ledger update `train` makes each round). Bytes per
 round per site each way come from the wire log (`TFF_PRIVSEG_WIRE_LOG`).
 """
 
@@ -42,6 +43,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from tff_privseg.federated.train import _assign, _model_fn, client_inputs, plan_round
     from tff_privseg.federated.train import validation_dice as sim_validation_dice
     from tff_privseg.losses import get_loss
+    from tff_privseg.privacy.planning import new_ledger
     from tff_privseg.site.policy import SiteConfig, SitePolicy
     from tff_privseg.site.service import SiteService, start_server
     from tff_privseg.site.state import derive_run_key
@@ -94,11 +96,13 @@ def run(quick: bool = False) -> dict[str, Any]:
             state = sim.initialize()._replace(client_work=np.float32(cfg.train.client_lr))
             eval_model = model_fn()
             counter = {"r": 0}
+            ledger, names = new_ledger(cfg, sites), [s.name for s in sites]
 
             def sim_round(proc):
                 def go():
                     plan = plan_round(cfg, sites, 0, run_key)
                     out = proc.next(state, client_inputs(cfg, sites, plan))
+                    ledger.with_round(plan.steps(names))  # what `train` accounts per round
                     _assign(eval_model, proc.get_model_weights(out.state).trainable)
                     sim_validation_dice(eval_model, sites)
 
@@ -112,6 +116,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 out = silo.next(state, inputs)
                 _validation_dice(clients, sim.get_model_weights(out.state).trainable, r)
 
+            weights = sim.get_model_weights(state).trainable
+            model_bytes = int(sum(np.asarray(w).nbytes for w in weights))
             timings = time_interleaved(
                 {
                     "cross_silo": silo_round,
@@ -132,7 +138,6 @@ def run(quick: bool = False) -> dict[str, Any]:
     per = (rounds + 1) * len(clients)  # warm-up included
     down = sum(e["bytes"] for e in coord if e["direction"] == "send" and e["method"] != "Hello")
     up = sum(e["bytes"] for e in coord if e["direction"] == "recv" and e["method"] != "Hello")
-    model_bytes = int(sum(np.asarray(w).nbytes for w in sim.get_model_weights(state).trainable))
     ratio = paired_ratio(timings, "cross_silo", "simulation")
     vs_hybrid = paired_ratio(timings, "cross_silo", "hybrid")
     log(

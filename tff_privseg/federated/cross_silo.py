@@ -204,6 +204,14 @@ def _sites_ledger(cfg: Config, hello: dict[str, dict[str, Any]]) -> PrivacyLedge
     return ledger
 
 
+def _counted_round(ledger: PrivacyLedger) -> PrivacyLedger:
+    """`ledger` with one more round, steps and ε to be filled in from the sites' reports."""
+    out = PrivacyLedger.from_json(ledger.to_json())
+    out.epsilon_per_unit = dict(ledger.epsilon_per_unit)
+    out.rounds += 1
+    return out
+
+
 def _with_reports(ledger: PrivacyLedger, reports: dict[str, dict[str, Any]]) -> PrivacyLedger:
     """`ledger` with each reporting site's steps and ε as the site reported them."""
     for name, rep in reports.items():
@@ -322,13 +330,15 @@ def _loop(cfg, run, clients: list[SiteClient], resume, progress, on_round) -> di
     bar = _progress_bar(progress, start, cfg.train.rounds)
     for r in range(start, cfg.train.rounds):
         chosen = chosen_sites(cfg, names, r, run_key)
-        if cfg.privacy.level == "sample":
+        budget = cfg.privacy.target_epsilon
+        if cfg.privacy.level != "sample":  # site level: the coordinator's own accounting
+            next_ledger = ledger.with_round({"federation": 1})
+        elif budget > 0:  # the sites account; predict only when a target must be checked
             next_ledger = ledger.with_round(
                 {names[i]: hello[names[i]]["local_steps"] for i in chosen}
             )
         else:
-            next_ledger = ledger.with_round({"federation": 1})
-        budget = cfg.privacy.target_epsilon
+            next_ledger = _counted_round(ledger)
         if budget > 0 and next_ledger.epsilon > budget:
             stopped = (
                 f"stopped before round {r + 1}: ε would reach {next_ledger.epsilon:.3f} "

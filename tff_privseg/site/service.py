@@ -208,6 +208,7 @@ class SiteService:
         plan = plan_round(cfg, [self.site], r, run_key)
         steps = plan.steps([self.name])[self.name]
         ledger = None if record["ledger"] is None else PrivacyLedger.from_json(record["ledger"])
+        total = None if ledger is None else self._total_epsilon(run_id, ledger)
         if ledger is not None and not repeat:
             ledger = ledger.with_round({self.name: steps})
             total = self._total_epsilon(run_id, ledger)
@@ -245,7 +246,7 @@ class SiteService:
                 steps=unit.steps,
                 sampling_rate=unit.sampling_rate,
                 records=unit.records,
-                site_epsilon=self._total_epsilon(run_id, ledger),
+                site_epsilon=total,
             )
         log.info("round %d of run %s: %s%s", r + 1, run_id[:8], "repeated" if repeat else "ran",
                  "" if ledger is None else f", ε = {ledger.epsilon:.3f}")  # fmt: skip
@@ -283,11 +284,14 @@ class SiteService:
 
         from tff_privseg.privacy.accounting import PrivacyLedger, dp_sgd_event, make_accountant
 
-        ledgers = [ledger] + [
+        others = [
             PrivacyLedger.from_json(rec["ledger"])
             for rid, rec in self.state.all_runs().items()
             if rid != run_id and rec.get("ledger")
         ]
+        if not any(u.steps for lg in others for u in lg.units.values()):
+            return ledger.epsilon  # one run on this data: its own ε (already accounted)
+        ledgers = [ledger, *others]
         events = [
             dp_sgd_event(u.sampling_rate, lg.noise_multiplier, u.steps)
             for lg in ledgers
