@@ -26,6 +26,7 @@ COMMANDS = {
     "audit": "cli.attack:audit",
     "bench": "cli.bench:bench",
     "worker": "cli.worker:worker",
+    "site": "cli.site:site",
     "config": "cli.config_cmd:config",
     "compare": "cli.compare:compare",
 }

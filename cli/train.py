@@ -34,7 +34,15 @@ from cli.common import emit, handle_errors, json_option
     metavar="HOST:PORT,...",
     help="Run the federated computation on remote `tff-privseg worker`s (mutual TLS).",
 )
-@common.tls_dir_option("Coordinator credentials for --workers: client.pem, client.key, ca.pem.")
+@common.tls_dir_option(
+    "Coordinator credentials for --workers or --sites: client.pem, client.key, ca.pem."
+)
+@click.option(
+    "--sites",
+    metavar="NAME=HOST:PORT,...",
+    help="Cross-silo: train with `tff-privseg site serve` processes that keep their data "
+    "(no --data here).",
+)
 @json_option
 @handle_errors
 def train(
@@ -48,6 +56,7 @@ def train(
     quiet: bool,
     workers: str | None,
     tls_dir: str | None,
+    sites: str | None,
     as_json: bool,
 ) -> None:
     """Train a segmentation model across sites with TFF (and DP), into a run directory.
@@ -71,22 +80,35 @@ def train(
     if privacy_level is not None:
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
-    if workers or tls_dir:
+    if sites:
+        from tff_privseg.silo.coordinator import check_site_args
+
+        if workers:
+            from tff_privseg.errors import UserError
+
+            raise UserError("give --sites or --workers, not both")
+        check_site_args(sites, tls_dir, data_root)
+    elif workers or tls_dir:
         from tff_privseg.runtime import check_remote_args
 
         check_remote_args(workers, tls_dir)
     out = out or f"runs/{Path(config_path).stem}-{cfg.digest()}"
-    from tff_privseg.federated.train import train as run_training  # TensorFlow: after the checks
+    if sites:  # TensorFlow is imported after the checks
+        from tff_privseg.silo.coordinator import train_cross_silo
 
-    summary = run_training(
-        cfg,
-        out,
-        data_root=data_root,
-        resume=resume,
-        progress=not quiet,
-        workers=workers,
-        tls_dir=tls_dir,
-    )
+        summary = train_cross_silo(cfg, out, sites, tls_dir, resume, progress=not quiet)
+    else:
+        from tff_privseg.federated.train import train as run_training
+
+        summary = run_training(
+            cfg,
+            out,
+            data_root=data_root,
+            resume=resume,
+            progress=not quiet,
+            workers=workers,
+            tls_dir=tls_dir,
+        )
     # Like the PyTorch baseline: one row per finished training in completed_trainings.csv.
     from tff_privseg.parity.baseline_format import append_completed_training
 

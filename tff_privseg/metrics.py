@@ -124,7 +124,8 @@ def per_class(
     return {int(c): metric(pred == c, true == c, **kwargs) for c in classes}
 
 
-def _pooled_counts(probs, labels, threshold: float) -> tuple[float, float, float]:
+def pooled_counts(probs, labels, threshold: float = 0.5) -> tuple[float, float, float]:
+    """(TP, |P|, |T|) over all pixels of a set: what pooled Dice and IoU are made of."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
     if probs.ndim == labels.ndim + 1 and probs.shape[-1] == 1:
@@ -142,13 +143,17 @@ def pooled_dice(probs, labels, threshold: float = 0.5, eps: float = POOLED_EPS) 
     foreground. ``labels``: binary masks of the same shape. This is the baseline's printed
     "Dice Score" (``1 - smp DiceLoss(eps=1e-7)`` on thresholded predictions).
     """
-    tp, n_pred, n_true = _pooled_counts(probs, labels, threshold)
+    return dice_of_counts(*pooled_counts(probs, labels, threshold), eps)
+
+
+def dice_of_counts(tp: float, n_pred: float, n_true: float, eps: float = POOLED_EPS) -> float:
+    """Pooled Dice from `pooled_counts` (summed over sets first, if pooled across them)."""
     return (2.0 * tp + eps) / (n_pred + n_true + eps)
 
 
 def pooled_iou(probs, labels, threshold: float = 0.5, eps: float = POOLED_EPS) -> float:
     """IoU over all pixels of a set at once: (TP + eps) / (|P ∪ T| + eps), as the baseline's."""
-    tp, n_pred, n_true = _pooled_counts(probs, labels, threshold)
+    tp, n_pred, n_true = pooled_counts(probs, labels, threshold)
     return (tp + eps) / (n_pred + n_true - tp + eps)
 
 

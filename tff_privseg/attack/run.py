@@ -18,7 +18,7 @@ from tff_privseg.attack import inversion as inv
 from tff_privseg.config import Config
 from tff_privseg.data import SiteData
 from tff_privseg.errors import UserError
-from tff_privseg.models import build_model, count_params
+from tff_privseg.models import count_params, training_model_fn
 from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_sgd_spec
 from tff_privseg.rundir import checkpoint, finite_epsilon, layout
 
@@ -33,18 +33,7 @@ class AttackTarget:
     source: str
 
     def model_fn(self) -> Callable[[], tf.keras.Model]:
-        return _model_fn(self.cfg)
-
-
-def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
-    """The training's model_fn: the seeded build (round 0 = the process's initial weights)."""
-
-    def fn() -> tf.keras.Model:
-        return build_model(
-            cfg.model, cfg.data.resolution, cfg.data.num_classes, seed=cfg.train.seed
-        )
-
-    return fn
+        return training_model_fn(self.cfg)
 
 
 def load_target(
@@ -56,12 +45,12 @@ def load_target(
         if config_path is None:
             raise UserError("give --run RUN_DIR, or --config FILE for an untrained model")
         cfg = config_lib.load(config_path)
-        return AttackTarget(cfg, _model_fn(cfg)(), 0, f"untrained model of {config_path}")
+        return AttackTarget(cfg, training_model_fn(cfg)(), 0, f"untrained model of {config_path}")
     run = Path(run_dir)
     if not (run / layout.CONFIG).exists():
         raise UserError(f"not a run directory (no {layout.CONFIG})", run)
     cfg = config_lib.load(run / layout.CONFIG)
-    model = _model_fn(cfg)()
+    model = training_model_fn(cfg)()
     target = AttackTarget(cfg, model, round_num, str(run))
     if round_num == 0:
         target.source = f"{run} (round 0: initial model)"

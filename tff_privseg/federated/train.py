@@ -27,8 +27,9 @@ from tff_privseg.federated import sampling
 from tff_privseg.io import atomic_path
 from tff_privseg.losses import get_loss
 from tff_privseg.metrics import pooled_dice
-from tff_privseg.models import build_model
+from tff_privseg.models import training_model_fn
 from tff_privseg.privacy.accounting import PrivacyLedger
+from tff_privseg.privacy.dp_sgd import DpSgdSpec, dp_sgd_spec
 from tff_privseg.privacy.planning import new_ledger
 from tff_privseg.privacy.schedule import (
     client_lr,
@@ -60,8 +61,22 @@ class RoundPlan:
         return {names[i]: len(self.batches[i]) for i in self.sites}
 
 
+def choose_sites(cfg: Config, names: list[str], round_num: int, run_key: sampling.Key) -> list[int]:
+    """The round's sites (the coordinator's choice): a Poisson sample from the run key under
+    site-level DP, else the public fixed-size subset from `train.seed`."""
+    k = sites_per_round(cfg, len(names))
+    if cfg.privacy.level == "site":
+        return sampling.poisson_sites(names, k / len(names), run_key, round_num).tolist()
+    gen = sampling.rng(cfg.train.seed, round_num, -1, "sites")
+    return sampling.sample_sites(len(names), k, gen).tolist()
+
+
 def plan_round(
-    cfg: Config, sites: list[SiteData], round_num: int, run_key: sampling.Key
+    cfg: Config,
+    sites: list[SiteData],
+    round_num: int,
+    run_key: sampling.Key,
+    chosen: list[int] | None = None,
 ) -> RoundPlan:
     """The round's sites, batches, slot augmentation seeds and noise seeds.
 
@@ -70,19 +85,16 @@ def plan_round(
     slots of a patient, augmentation, and the sites under site-level DP. Public choices (the
     shuffled batches of non-private and site-level runs, a fixed-size site subset) come from
     `train.seed`; without DP the augmentation key is derived from `train.seed` too, so
-    non-private runs stay reproducible.
+    non-private runs stay reproducible. `chosen`: the sites, when already chosen (a site
+    process plans its own part of a round the coordinator chose).
     """
     seed, private = cfg.train.seed, cfg.privacy.level != "none"
-    names = [s.name for s in sites]
-    k = sites_per_round(cfg, len(sites))
-    if cfg.privacy.level == "site":
-        chosen = sampling.poisson_sites(names, k / len(sites), run_key, round_num)
-    else:
-        chosen = sampling.sample_sites(len(sites), k, sampling.rng(seed, round_num, -1, "sites"))
+    if chosen is None:
+        chosen = choose_sites(cfg, [s.name for s in sites], round_num, run_key)
     augment_key = run_key if private else sampling.public_key(seed)
     augment = sampling.enabled(cfg.data.augment)
     batches, weights, seeds, aug = {}, {}, {}, {}
-    for i in chosen.tolist():
+    for i in chosen:
         site = sites[i]
         ids = sampling.record_ids(site.name, site.train)
         steps = local_steps(cfg, len(site.train))
@@ -109,7 +121,7 @@ def plan_round(
             sampling.slot_seeds(ids.slices, batches[i], augment_key, round_num) if augment else None
         )
         seeds[i] = sampling.noise_seed(run_key, round_num, site.name)
-    return RoundPlan(round_num, chosen.tolist(), batches, weights, seeds, aug)
+    return RoundPlan(round_num, list(chosen), batches, weights, seeds, aug)
 
 
 def client_inputs(
@@ -140,15 +152,6 @@ def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 3
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
-    def model_fn() -> tf.keras.Model:
-        return build_model(
-            cfg.model, cfg.data.resolution, cfg.data.num_classes, seed=cfg.train.seed
-        )
-
-    return model_fn
-
-
 def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> list[SiteData]:
     """The sites of `data_root` (default cfg.data.root; synthetic data is built if missing)."""
     root = Path(data_root or cfg.data.root)
@@ -175,6 +178,7 @@ def train(
 
     workers: remote TFF workers ('HOST:PORT,...', `tff-privseg worker`), reached over mutual
     TLS with the coordinator credentials in `tls_dir`; None runs on a private local worker.
+    Cross-silo training (sites that keep their data) is `silo.coordinator.train_cross_silo`.
     """
     if data_root is not None:  # record where the data really was (evaluate reads it back)
         cfg = cfg.replace(**{"data.root": str(Path(data_root).resolve())})
@@ -187,7 +191,7 @@ def train(
         from tff_privseg.runtime import runtime_for
 
         with runtime_for(workers, tls_dir):
-            return _train_federated(cfg, run, sites, resume, progress, on_round)
+            return run_rounds(cfg, run, SimulatedSites(cfg, sites), resume, progress, on_round)
     except BaseException:
         run.abandon()  # failed before any round: leave nothing, so the same command works again
         raise
@@ -195,25 +199,60 @@ def train(
         run.close()
 
 
-def _train_federated(
+class SimulatedSites:
+    """The single-machine federation: every site's data in this process.
+
+    What the round loop (`run_rounds`) asks of a federation; `silo.coordinator.RemoteSites`
+    answers the same over gRPC."""
+
+    def __init__(self, cfg: Config, sites: list[SiteData]) -> None:
+        self.cfg, self.sites = cfg, sites
+        self.names = [s.name for s in sites]
+
+    def new_ledger(self) -> PrivacyLedger:
+        return new_ledger(self.cfg, self.sites)
+
+    def build_process(self, model_fn: Callable[[], tf.keras.Model], dp: DpSgdSpec | None) -> Any:
+        from tff_privseg.federated.hybrid import build_hybrid_process
+        from tff_privseg.federated.process import build_process
+
+        cfg = self.cfg
+        build = build_hybrid_process if cfg.train.execution == "hybrid" else build_process
+        k = sites_per_round(cfg, len(self.sites))
+        return build(cfg, model_fn, get_loss(cfg.train.loss), k, dp)
+
+    def plan(
+        self, ledger: PrivacyLedger, round_num: int, run_key: str, chosen: list[int]
+    ) -> tuple[list[Any], PrivacyLedger]:
+        """The round's client data and the ledger once it is released."""
+        plan = plan_round(self.cfg, self.sites, round_num, run_key, chosen)
+        level = self.cfg.privacy.level
+        steps = plan.steps(self.names) if level == "sample" else {"federation": 1}
+        return client_inputs(self.cfg, self.sites, plan), ledger.with_round(steps)
+
+    def released(self, ledger: PrivacyLedger, process: Any) -> PrivacyLedger:
+        return ledger
+
+    def validation_dice(self, model: tf.keras.Model, round_num: int) -> float:
+        return validation_dice(model, self.sites)
+
+
+def run_rounds(
     cfg: Config,
     run: RunDir,
-    sites: list[SiteData],
+    federation: Any,
     resume: bool,
     progress: bool,
     on_round: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    from tff_privseg.federated.hybrid import build_hybrid_process
-    from tff_privseg.federated.process import build_process
-    from tff_privseg.privacy.dp_sgd import dp_sgd_spec
-
-    names = [s.name for s in sites]
+    """The federated round loop, for the simulation (`SimulatedSites`) and cross-silo
+    (`silo.coordinator.RemoteSites`): plan, account, run `process.next`, validate, commit."""
+    names = federation.names
     dp = dp_sgd_spec(cfg) if cfg.privacy.level == "sample" else None
-    model_fn = _model_fn(cfg)
-    build = build_hybrid_process if cfg.train.execution == "hybrid" else build_process
-    process = build(cfg, model_fn, get_loss(cfg.train.loss), sites_per_round(cfg, len(sites)), dp)
+    model_fn = training_model_fn(cfg)
+    process = federation.build_process(model_fn, dp)
     state = process.initialize()
-    ledger, start = new_ledger(cfg, sites), 0
+    ledger, start = federation.new_ledger(), 0
     found = checkpoint.load_newest(run.checkpoints, state, _warn) if resume else None
     if found is not None and found[2]["run_key"] != read_run_key(run):
         raise UserError(f"made with another run key than {run.key_file}", found[0])
@@ -234,10 +273,8 @@ def _train_federated(
     rows = run.metrics_rows()
     bar = _progress_bar(progress, start, cfg.train.rounds)
     for r in range(start, cfg.train.rounds):
-        plan = plan_round(cfg, sites, r, run_key)
-        next_ledger = ledger.with_round(
-            plan.steps(names) if cfg.privacy.level == "sample" else {"federation": 1}
-        )
+        chosen = choose_sites(cfg, names, r, run_key)
+        inputs, next_ledger = federation.plan(ledger, r, run_key, chosen)
         budget = cfg.privacy.target_epsilon
         if budget > 0 and next_ledger.epsilon > budget:
             stopped = (
@@ -249,20 +286,20 @@ def _train_federated(
         state = state._replace(client_work=np.float32(client_lr(cfg, r)))
         # Every round runs, also a site-level round whose Poisson sample is empty: it still
         # applies its noised (zero) sum, else an unchanged model would reveal the empty draw.
-        output = process.next(state, client_inputs(cfg, sites, plan))
+        output = process.next(state, inputs)
         state, metrics = output.state, output.metrics["client_work"]
         examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
-        ledger = next_ledger
+        ledger = federation.released(next_ledger, process)
         _assign(eval_model, process.get_model_weights(state).trainable)
         row = round_row(
             cfg,
             r + 1,
-            val_dice=validation_dice(eval_model, sites),
+            val_dice=federation.validation_dice(eval_model, r),
             epsilon=ledger.epsilon,
             seconds=time.perf_counter() - t0,
             loss=loss_sum / examples if examples else float("nan"),
             examples=examples,
-            sites=[names[i] for i in plan.sites],
+            sites=[names[i] for i in chosen],
         )
         # The round is committed before anything about it leaves: a crash after the checkpoint
         # never re-runs the round (its row is restored from the header on --resume).
@@ -348,7 +385,7 @@ def _train_centralized(
     """
     images = np.concatenate([s.train.images for s in sites])
     labels = np.concatenate([s.train.labels for s in sites])
-    model = _model_fn(cfg)()
+    model = training_model_fn(cfg)()
     loss_fn = get_loss(cfg.train.loss)
     t = cfg.train
     if t.client_optimizer == "adam":

@@ -7,11 +7,12 @@ Both output probabilities in float32: one sigmoid channel for binary segmentatio
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import tensorflow as tf
 
-from tff_privseg.config import ModelConfig
+from tff_privseg.config import Config, ModelConfig
 from tff_privseg.models._layers import META_ATTR, group_count
 from tff_privseg.models.group_norm import GroupNorm
 from tff_privseg.models.monet import monet
@@ -55,6 +56,17 @@ def build_model(
         num_classes=num_classes,
         seed=seed,
     )
+
+
+def training_model_fn(cfg: Config) -> Callable[[], tf.keras.Model]:
+    """The training's model_fn: the seeded build (round 0 = the process's initial weights)."""
+
+    def model_fn() -> tf.keras.Model:
+        return build_model(
+            cfg.model, cfg.data.resolution, cfg.data.num_classes, seed=cfg.train.seed
+        )
+
+    return model_fn
 
 
 def model_meta(model: tf.keras.Model) -> dict:
