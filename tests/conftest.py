@@ -45,8 +45,8 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def tagged_worker_pids(tag: str) -> set[int]:
-    """Live TFF worker_binary processes whose environment holds `tag`."""
+def tagged_pids(tag: str, command: bytes = b"") -> set[int]:
+    """Live processes whose environment holds `tag` (and whose command line holds `command`)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -55,9 +55,14 @@ def tagged_worker_pids(tag: str) -> set[int]:
                 env = (proc / "environ").read_bytes()
             except OSError:
                 continue
-            if b"worker_binary" in cmd and tag.encode() in env and alive(int(proc.name)):
+            if command in cmd and tag.encode() in env and alive(int(proc.name)):
                 pids.add(int(proc.name))
     return pids
+
+
+def tagged_worker_pids(tag: str) -> set[int]:
+    """Live TFF worker_binary processes whose environment holds `tag`."""
+    return tagged_pids(tag, b"worker_binary")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2) -> None:
@@ -111,11 +116,14 @@ def last_json(result: Result) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def one_line_error(result: Result, code: int = 2) -> str:
-    """The command failed with exit `code` and one `error: ...` line on stderr, no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.output)
+def one_line_error(result: Result, *needles: str, code: int = 2) -> str:
+    """The command failed with exit `code` and one `error: ...` line on stderr, no traceback,
+    holding every one of `needles`."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     err = result.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.output, err
+    for needle in needles:
+        assert needle in err, (needle, err)
     return err
 
 

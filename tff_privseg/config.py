@@ -142,15 +142,20 @@ class Config:
         return hashlib.sha256(dumps(self).encode()).hexdigest()[:12]
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; missing or malformed: one line naming the file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} not found", path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"not valid TOML ({e})", path) from None
+
+
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a TOML config. ``overrides`` uses dotted keys (``train.rounds``)."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError("config file not found", path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"not valid TOML ({e})", path) from None
+    raw = read_toml(path)
     if overrides:
         raw = _merge(raw, _undot(overrides))
     return from_dict(raw, source=str(path))

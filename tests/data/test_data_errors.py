@@ -10,8 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import Result
-from conftest import invoke
+from conftest import invoke, one_line_error
 
 from tff_privseg.data.nifti import open_nifti, read_case
 from tff_privseg.errors import UserError
@@ -60,16 +59,6 @@ def one_voxel(dtype: type, value: float, at: int) -> np.ndarray:
     return volume
 
 
-def assert_error(result: Result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def test_valid_dataset_passes(root: Path) -> None:
     result = check(root, "--json")
     assert result.exit_code == 0, result.output
@@ -78,7 +67,7 @@ def test_valid_dataset_passes(root: Path) -> None:
 
 def test_image_without_label(root: Path) -> None:
     (root / "hospA" / "labels" / "hospA_2.nii.gz").unlink()
-    assert_error(check(root), "hospA_2.nii.gz", "image has no label")
+    one_line_error(check(root), "hospA_2.nii.gz", "image has no label")
 
 
 def test_missing_nifti_reported_by_reader(tmp_path: Path) -> None:
@@ -90,7 +79,7 @@ def test_truncated_gzip(root: Path) -> None:
     path = root / "hospB" / "images" / "hospB_1.nii.gz"
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
-    line = assert_error(check(root), "hospB_1.nii.gz")
+    line = one_line_error(check(root), "hospB_1.nii.gz")
     assert "corrupt or truncated" in line or "not a readable NIfTI" in line
 
 
@@ -100,68 +89,70 @@ def test_truncated_gzip(root: Path) -> None:
 def test_not_nifti_at_all(root: Path, content: bytes) -> None:
     path = root / "hospA" / "images" / "hospA_0.nii.gz"
     path.write_bytes(content)
-    assert_error(check(root), "hospA_0.nii.gz", "not a readable NIfTI file")
+    one_line_error(check(root), "hospA_0.nii.gz", "not a readable NIfTI file")
 
 
 def test_shape_mismatch(root: Path) -> None:
     save(root / "hospA" / "labels" / "hospA_1.nii.gz", np.zeros((16, 16, 7), np.uint8))
-    assert_error(check(root), "labels/hospA_1.nii.gz", "label shape (16, 16, 7) differs")
+    one_line_error(check(root), "labels/hospA_1.nii.gz", "label shape (16, 16, 7) differs")
 
 
 def test_affine_mismatch(root: Path) -> None:
     shifted = np.eye(4)
     shifted[0, 3] = 2.0  # 2 mm
     save(root / "hospA" / "labels" / "hospA_1.nii.gz", np.zeros(SHAPE, np.uint8), shifted)
-    assert_error(check(root), "labels/hospA_1.nii.gz", "label affine differs")
+    one_line_error(check(root), "labels/hospA_1.nii.gz", "label affine differs")
 
 
 def test_labels_outside_declared_classes(root: Path) -> None:
     save(root / "hospB" / "labels" / "hospB_3.nii.gz", one_voxel(np.uint8, 7, 1))
-    assert_error(check(root), "hospB_3.nii.gz", "label values {7} are outside the declared classes")
+    one_line_error(
+        check(root), "hospB_3.nii.gz", "label values {7} are outside the declared classes"
+    )
 
 
 def test_multiclass_labels_beyond_num_classes(root: Path, tmp_path: Path) -> None:
     save(root / "hospB" / "labels" / "hospB_3.nii.gz", one_voxel(np.uint8, 2, 1))
     config = tmp_path / "multi.toml"
     config.write_text('[data]\nlabels = "multiclass"\nnum_classes = 2\n')
-    assert_error(check(root, "--config", config), "hospB_3.nii.gz", "{2} are outside")
+    one_line_error(check(root, "--config", config), "hospB_3.nii.gz", "{2} are outside")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_inf_voxels(root: Path, bad: float) -> None:
     save(root / "hospA" / "images" / "hospA_3.nii.gz", one_voxel(np.float32, bad, 3))
-    assert_error(check(root), "images/hospA_3.nii.gz", "image has 1 NaN/inf voxels")
+    one_line_error(check(root), "images/hospA_3.nii.gz", "image has 1 NaN/inf voxels")
 
 
 def test_non_integer_labels(root: Path) -> None:
     save(root / "hospA" / "labels" / "hospA_0.nii.gz", one_voxel(np.float32, 0.5, 2))
-    assert_error(check(root), "labels/hospA_0.nii.gz", "non-integer")
+    one_line_error(check(root), "labels/hospA_0.nii.gz", "non-integer")
 
 
 def test_non_3d_image(root: Path) -> None:
     save(root / "hospA" / "images" / "hospA_0.nii.gz", np.zeros((*SHAPE, 2), np.int16))
     save(root / "hospA" / "labels" / "hospA_0.nii.gz", np.zeros((*SHAPE, 2), np.uint8))
-    assert_error(check(root), "hospA_0.nii.gz", "expected a 3D volume, got shape (16, 16, 8, 2)")
+    one_line_error(check(root), "hospA_0.nii.gz", "expected a 3D volume, got shape (16, 16, 8, 2)")
 
 
 def test_empty_site(root: Path) -> None:
     (root / "hospC").mkdir()
-    assert_error(check(root), "hospC", "empty site")
+    one_line_error(check(root), "hospC", "empty site")
 
 
 def test_site_with_empty_image_folders(root: Path) -> None:
     (root / "hospC" / "images").mkdir(parents=True)
     (root / "hospC" / "labels").mkdir()
-    assert_error(check(root), "hospC", "empty site")
+    one_line_error(check(root), "hospC", "empty site")
 
 
 def test_no_sites(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert_error(check(tmp_path / "empty"), "empty", "no site folders")
+    one_line_error(check(tmp_path / "empty"), "empty", "no site folders")
 
 
 def test_missing_root(tmp_path: Path) -> None:
-    assert_error(check(tmp_path / "nowhere"), "nowhere", "dataset folder not found")
+    one_line_error(check(tmp_path / "nowhere"), "nowhere", "dataset folder not found")
 
 
 def _msd_site(site: Path, n: int, missing: str | None = None) -> None:
@@ -180,44 +171,44 @@ def _msd_site(site: Path, n: int, missing: str | None = None) -> None:
 def test_dataset_json_entry_file_missing(tmp_path: Path) -> None:
     _msd_site(tmp_path / "data" / "msdA", 4, missing="ghost.nii.gz")
     _msd_site(tmp_path / "data" / "msdB", 4)
-    assert_error(check(tmp_path / "data"), "imagesTr/ghost.nii.gz", "dataset.json", "is missing")
+    one_line_error(check(tmp_path / "data"), "imagesTr/ghost.nii.gz", "dataset.json", "is missing")
 
 
 def test_dataset_json_not_json(tmp_path: Path) -> None:
     _msd_site(tmp_path / "data" / "msdA", 4)
     (tmp_path / "data" / "msdA" / "dataset.json").write_text("{ not json")
-    assert_error(check(tmp_path / "data"), "msdA/dataset.json", "not valid JSON")
+    one_line_error(check(tmp_path / "data"), "msdA/dataset.json", "not valid JSON")
 
 
 def test_site_with_too_few_volumes_for_the_split(root: Path) -> None:
     for i in (2, 3):
         for sub in ("images", "labels"):
             (root / "hospB" / sub / f"hospB_{i}.nii.gz").unlink()
-    assert_error(check(root), "hospB", "has 2 volume(s)", "need at least 3")
+    one_line_error(check(root), "hospB", "has 2 volume(s)", "need at least 3")
 
 
 def test_same_case_at_two_sites(root: Path) -> None:
     write_case(root / "hospB", "hospA_0")
-    assert_error(check(root), "hospA_0.nii.gz", "also at site 'hospA'")
+    one_line_error(check(root), "hospA_0.nii.gz", "also at site 'hospA'")
 
 
 def test_unknown_config_key(root: Path, tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[data]\nresolutoin = 64\n")
-    assert_error(check(root, "--config", config), "bad.toml", "unknown key 'data.resolutoin'")
+    one_line_error(check(root, "--config", config), "bad.toml", "unknown key 'data.resolutoin'")
 
 
 def test_config_wrong_type(root: Path, tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[data]\nresolution = "big"\n')
-    assert_error(check(root, "--config", config), "bad.toml", "data.resolution", "integer")
+    one_line_error(check(root, "--config", config), "bad.toml", "data.resolution", "integer")
 
 
 def test_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     result = invoke("data", "synth", "--out", tmp_path / "out")
-    assert_error(result, "out", "not empty")
+    one_line_error(result, "out", "not empty")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
@@ -239,5 +230,5 @@ def test_example_download_impossible(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip as if offline: fails at once, no network
     out, cache = tmp_path / "example", tmp_path / "cache"
     result = invoke("data", "example", "--out", out, "--cache-dir", cache)
-    assert_error(result, str(cache), "could not download totalsegmentator==2.18.0")
+    one_line_error(result, str(cache), "could not download totalsegmentator==2.18.0")
     assert not out.exists()

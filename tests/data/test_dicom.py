@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import one_line_error
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")
@@ -329,16 +330,6 @@ def check(*args: object) -> Result:
     return CliRunner().invoke(cli, ["data", "check", *map(str, args)])
 
 
-def assert_error(result: Result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def one_case(tmp_path: Path, label_kind: str = "seg", **rt) -> tuple[Path, Path, list[Dataset]]:
     """root/site/pat holding a CT series in CT/ and a SEG or RTSTRUCT; returns (root, case, ds)."""
     root = tmp_path / "data"
@@ -368,7 +359,7 @@ def _slice_file(case: Path, k: int) -> Path:
 def test_missing_slice(tmp_path: Path) -> None:
     root, case, _ = one_case(tmp_path)
     _slice_file(case, 3).unlink()
-    line = assert_error(check(root, "--config", _config(root)), "1 missing slice(s)")
+    line = one_line_error(check(root, "--config", _config(root)), "1 missing slice(s)")
     assert _slice_file(case, 4).name in line
 
 
@@ -378,7 +369,7 @@ def test_inconsistent_spacing(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 1.0
     ds.save_as(path)
-    assert_error(check(root, "--config", _config(root)), path.name, "inconsistent slice spacing")
+    one_line_error(check(root, "--config", _config(root)), path.name, "inconsistent slice spacing")
 
 
 def test_inconsistent_pixel_spacing(tmp_path: Path) -> None:
@@ -387,7 +378,7 @@ def test_inconsistent_pixel_spacing(tmp_path: Path) -> None:
     ds = pydicom.dcmread(path)
     ds.PixelSpacing = [0.9, COL_SPACING]
     ds.save_as(path)
-    assert_error(check(root, "--config", _config(root)), path.name, "PixelSpacing differs")
+    one_line_error(check(root, "--config", _config(root)), path.name, "PixelSpacing differs")
 
 
 def test_seg_of_another_series(tmp_path: Path) -> None:
@@ -395,21 +386,21 @@ def test_seg_of_another_series(tmp_path: Path) -> None:
     stored, _, label = arrays(seed=5)
     other = write_series(tmp_path / "elsewhere", stored, seed=5)
     write_seg(case / "label.dcm", other, label)
-    assert_error(
+    one_line_error(
         check(root, "--config", _config(root)), "label.dcm", "SEG references series", "not the CT"
     )
 
 
 def test_contour_outside_the_volume(tmp_path: Path) -> None:
     root, _, _ = one_case(tmp_path, "rtstruct", shift_mm=-20.0)  # 25 columns to the right
-    assert_error(
+    one_line_error(
         check(root, "--config", _config(root)), "label.dcm", "ROI 'GTV-1'", "outside the CT volume"
     )
 
 
 def test_rtstruct_without_a_matching_roi(tmp_path: Path) -> None:
     root, _, _ = one_case(tmp_path, "rtstruct", name="Liver")
-    assert_error(
+    one_line_error(
         check(root, "--config", _config(root)),
         "label.dcm",
         "no ROI matches data.roi_labels (gtv-1)",
@@ -421,7 +412,7 @@ def test_two_label_files(tmp_path: Path) -> None:
     root, case, slices = one_case(tmp_path)
     _, _, label = arrays()
     write_rtstruct(case / "more.dcm", slices, label)
-    assert_error(check(root, "--config", _config(root)), "site/pat", "2 label files")
+    one_line_error(check(root, "--config", _config(root)), "site/pat", "2 label files")
 
 
 def test_error_from_a_fresh_process(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
+from conftest import tagged_pids, tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
 
 from tff_privseg.errors import UserError
 from tff_privseg.runtime import (
@@ -36,22 +36,6 @@ from tff_privseg.runtime.remote import _tff_stub_class
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"
-
-
-def tagged_pids() -> set[int]:
-    """Live processes started (directly or not) by this module: workers, bridges, binaries."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if TAG.encode() in env and state != "Z":
-            pids.add(int(proc.name))
-    return pids
 
 
 class Worker:
@@ -120,9 +104,9 @@ def workers(pki, tmp_path_factory):
     finally:
         codes = [w.stop() for w in started]
         deadline = time.monotonic() + 10
-        while tagged_pids() and time.monotonic() < deadline:
+        while tagged_pids(TAG) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not tagged_pids(), "a worker, bridge or worker_binary survived"
+        assert not tagged_pids(TAG), "a worker, bridge or worker_binary survived"
         assert codes[0] == 0, started[0].log.read_text()[-2000:]  # clean SIGTERM shutdown
 
 
@@ -311,9 +295,9 @@ def test_a_worker_killed_mid_run_gives_an_error_naming_it(tff_runtime, workers, 
         assert time.monotonic() - t0 < 60  # fails fast, no endless retry
         assert "--resume" in str(err.value)
     deadline = time.monotonic() + 10
-    while family & tagged_pids() and time.monotonic() < deadline:
+    while family & tagged_pids(TAG) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not family & tagged_pids()
+    assert not family & tagged_pids(TAG)
 
 
 def descendants(root: int) -> set[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tagged_pids
 
 from tests.conftest import synth_smoke
 from tff_privseg import config as config_lib
@@ -49,21 +50,6 @@ delta = 1e-5
 resolution = 32
 crop_slices = 8
 """
-
-
-def tagged_pids() -> set[int]:
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = (proc / "environ").read_bytes()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if TAG.encode() in env and state != "Z":
-            pids.add(int(proc.name))
-    return pids
 
 
 def env(wire_log: Path | None = None) -> dict[str, str]:
@@ -169,9 +155,9 @@ def world(tmp_path_factory):
         codes = {n: s.stop() for n, s in w["sites"].items()}
         assert all(c is not None for c in codes.values())
         deadline = time.monotonic() + 30
-        while tagged_pids() and time.monotonic() < deadline:
+        while tagged_pids(TAG) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not tagged_pids(), "a site process was left running"
+        assert not tagged_pids(TAG), "a site process was left running"
 
 
 @pytest.fixture(scope="module")

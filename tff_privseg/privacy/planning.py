@@ -25,6 +25,12 @@ from tff_privseg.privacy.schedule import (
 
 def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
     """The empty ledger of a run: its accounting units (sites, or the federation), q and n."""
+    return ledger_of_sites(cfg, {s.name: records(cfg, s) for s in sites})
+
+
+def ledger_of_sites(cfg: Config, site_records: dict[str, int]) -> PrivacyLedger:
+    """The empty ledger of a run from each site's record count n (q follows from n and the
+    config; a cross-silo coordinator has only the counts the sites state)."""
     p = cfg.privacy
     ledger = PrivacyLedger(
         level=p.level,
@@ -35,13 +41,12 @@ def new_ledger(cfg: Config, sites: list[SiteData]) -> PrivacyLedger:
     )
     if p.level == "sample":
         ledger.unit = p.unit
-        for s in sites:
-            n = records(cfg, s)
-            ledger.units[s.name] = UnitLedger(sampling_rate(cfg, n), 0, n)
+        for name, n in site_records.items():
+            ledger.units[name] = UnitLedger(sampling_rate(cfg, n), 0, n)
     elif p.level == "site":
         ledger.unit = "site"
-        q = sites_per_round(cfg, len(sites)) / len(sites)
-        ledger.units["federation"] = UnitLedger(q, 0, len(sites))
+        k = len(site_records)
+        ledger.units["federation"] = UnitLedger(sites_per_round(cfg, k) / k, 0, k)
     ledger.refresh()
     return ledger
 

@@ -33,6 +33,7 @@ from tff_privseg.federated.train import run_rounds
 from tff_privseg.losses import get_loss
 from tff_privseg.metrics import dice_of_counts
 from tff_privseg.privacy.accounting import PrivacyLedger, UnitLedger
+from tff_privseg.privacy.planning import ledger_of_sites
 from tff_privseg.privacy.schedule import sites_per_round
 from tff_privseg.runtime import TlsFiles
 from tff_privseg.silo import wire
@@ -170,29 +171,6 @@ def _parallel(calls: list[Callable[[], Any]]) -> list[Any]:
         return [f.result() for f in futs]
 
 
-def _sites_ledger(cfg: Config, hello: dict[str, dict[str, Any]]) -> PrivacyLedger:
-    """The federation's ledger as the sites state it (sample level), or the coordinator's own
-    (site level: the noise is added here)."""
-    p = cfg.privacy
-    ledger = PrivacyLedger(
-        level=p.level,
-        accountant=p.accountant,
-        noise_multiplier=p.noise_multiplier,
-        l2_norm_clip=p.l2_norm_clip,
-        delta=p.delta,
-    )
-    if p.level == "sample":
-        ledger.unit = p.unit
-        for name, h in hello.items():
-            ledger.units[name] = UnitLedger(h["sampling_rate"], 0, h["records"])
-    elif p.level == "site":
-        ledger.unit = "site"
-        n = len(hello)
-        ledger.units["federation"] = UnitLedger(sites_per_round(cfg, n) / n, 0, n)
-    ledger.refresh()
-    return ledger
-
-
 def _counted_round(ledger: PrivacyLedger) -> PrivacyLedger:
     """`ledger` with one more round, steps and ε to be filled in from the sites' reports."""
     out = PrivacyLedger.from_json(ledger.to_json())
@@ -268,7 +246,7 @@ class RemoteSites:
             c.config_digest = self.hello[c.name]["config_digest"]
 
     def new_ledger(self) -> PrivacyLedger:
-        return _sites_ledger(self.cfg, self.hello)
+        return ledger_of_sites(self.cfg, {n: h["records"] for n, h in self.hello.items()})
 
     def build_process(self, model_fn: Callable[[], Any], dp: Any) -> CrossSiloProcess:
         """The hybrid process with remote client updates (`dp` gives the types only: the

@@ -21,7 +21,6 @@ A round whose parameters differ from this, or that would take the site's ε over
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -52,12 +51,7 @@ class SiteConfig:
 
 def load_site_config(path: str | Path) -> SiteConfig:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError("site config file not found", path) from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"not valid TOML ({e})", path) from None
+    raw = config_lib.read_toml(path, "site config file")
     site = raw.pop("site", None)
     if not isinstance(site, dict) or not isinstance(site.get("accept"), dict):
         raise UserError("needs a [site.accept] table (what this site accepts)", path)
