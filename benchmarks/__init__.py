@@ -14,6 +14,7 @@ from types import ModuleType
 
 # name -> module; imported only when run (most import TensorFlow).
 BENCHMARKS: dict[str, str] = {
+    "cross_silo": "benchmarks.cross_silo",
     "dp_overhead": "benchmarks.dp_overhead",
     "memory": "benchmarks.memory",
     "privacy_utility": "benchmarks.privacy_utility",
