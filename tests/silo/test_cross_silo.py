@@ -316,6 +316,7 @@ def site_ledger(world: dict, name: str) -> dict:
     return record
 
 
+@pytest.mark.slow  # about a minute more on 2 cores: run with -m slow
 def test_site_lost_mid_round_then_restarted_and_resumed(world, trained):
     """siteB is killed (SIGKILL) while it trains round 3: one line naming it, the last
     checkpoint and every ledger consistent; restarted with the same state folder it keeps its
