@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import selectors
+import signal
 import subprocess
 import sys
 import time
@@ -125,6 +128,37 @@ def one_line_error(result: Result, *needles: str, code: int = 2) -> str:
     for needle in needles:
         assert needle in err, (needle, err)
     return err
+
+
+class ServerProcess:
+    """A CLI server in a subprocess (`worker`, `site serve`) that announces its address on the
+    first line of stdout; its stderr goes to `log` (never a full pipe)."""
+
+    proc: subprocess.Popen
+    log: Path
+    address = ""
+
+    def ready_line(self, pattern: str, timeout: float) -> re.Match:
+        """The first stdout line, which must match `pattern` within `timeout` seconds."""
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        line = self.proc.stdout.readline() if sel.select(timeout) else ""
+        m = re.search(pattern, line)
+        assert m, f"not ready: {line!r} {self.log.read_text()[-2000:]}"
+        self.address = m[1]
+        return m
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal, wait (kill after `timeout`), and return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        return self.proc.returncode
 
 
 # ---------------------------------------------------------------------------------------------

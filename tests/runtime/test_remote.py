@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import selectors
 import signal
 import socket
 import ssl
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tagged_pids, tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
+from conftest import ServerProcess, tagged_pids, tiny_cfg, tiny_loss, tiny_model, tiny_site_inputs
 
 from tff_privseg.errors import UserError
 from tff_privseg.runtime import (
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TAG = f"tff-privseg-remote-test-{os.getpid()}"
 
 
-class Worker:
+class Worker(ServerProcess):
     """`tff-privseg worker` in a subprocess; stderr goes to a file (never a full pipe)."""
 
     def __init__(self, tmp: Path, *args: str) -> None:
@@ -53,27 +52,10 @@ class Worker:
                 text=True,
                 env={**os.environ, "TFF_PRIVSEG_TEST_TAG": TAG, "TF_CPP_MIN_LOG_LEVEL": "3"},
             )
-        self.address = ""
 
     def wait_ready(self, timeout: float = 120) -> Worker:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        line = self.proc.stdout.readline() if sel.select(timeout) else ""
-        m = re.search(r"listening on tls://(\S+:\d+)", line)
-        assert m, f"worker not ready: {line!r} {self.log.read_text()[-2000:]}"
-        self.address = m[1]
+        self.ready_line(r"listening on tls://(\S+:\d+)", timeout)
         return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
 
     @property
     def port(self) -> int:

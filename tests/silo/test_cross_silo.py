@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import selectors
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tagged_pids
+from conftest import ServerProcess, tagged_pids
 
 from tests.conftest import synth_smoke
 from tff_privseg import config as config_lib
@@ -60,14 +59,12 @@ def env(wire_log: Path | None = None) -> dict[str, str]:
     return out
 
 
-class Site:
+class Site(ServerProcess):
     """`tff-privseg site serve` in a subprocess; its log (stderr) goes to a file."""
 
     def __init__(self, world: dict, name: str) -> None:
         self.name, self.world = name, world
         self.log = world["tmp"] / f"{name}.log"
-        self.proc: subprocess.Popen | None = None
-        self.address = ""
 
     def start(self) -> Site:
         w = self.world
@@ -82,25 +79,12 @@ class Site:
         return self
 
     def wait_ready(self, timeout: float = 300) -> Site:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        line = self.proc.stdout.readline() if sel.select(timeout) else ""
-        m = re.search(r"listening on tls://(\S+:\d+) (\S+)", line)
-        assert m, f"site not ready: {line!r} {self.log.read_text()[-2000:]}"
+        m = self.ready_line(r"listening on tls://(\S+:\d+) (\S+)", timeout)
         assert m[2] == self.name
-        self.address = m[1]
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        return super().stop(sig, timeout)
 
 
 def cli(*args: str, cwd: Path, wire_log: Path | None = None) -> subprocess.Popen:
