@@ -42,7 +42,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     from tff_privseg.privacy.dp_sgd import DpSgdSpec
     from tff_privseg.privacy.planning import new_ledger
     from tff_privseg.runtime import RemoteTls, TlsFiles, local_runtime, make_pki
-    from tff_privseg.silo.coordinator import CrossSiloProcess, SiteClient, _validation_dice
+    from tff_privseg.silo.coordinator import CrossSiloProcess, RemoteSites, SiteClient
     from tff_privseg.silo.policy import SiteConfig, SitePolicy
     from tff_privseg.silo.site import SiteService, start_server
     from tff_privseg.silo.state import derive_run_key
@@ -83,9 +83,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             services.append(svc)
             servers.append(server)
             clients.append(SiteClient(s.name, f"127.0.0.1:{port}", creds))
-        text = config_lib.dumps(cfg)
-        for c in clients:
-            c.config_digest = c.call("Hello", {"site": c.name, "config": text})[0]["config_digest"]
+        remote = RemoteSites(cfg, clients)  # Hello: each site checks the config
         dp = DpSgdSpec(cfg.privacy.l2_norm_clip, cfg.privacy.noise_multiplier, float(batch))
         model_fn, loss_fn = training_model_fn(cfg), get_loss(cfg.train.loss)
         with local_runtime():
@@ -113,7 +111,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 r = counter["r"] = counter["r"] + 1
                 inputs = [{"site": c, "round": r, "run_id": run_id} for c in clients]
                 out = silo.next(state, inputs)
-                _validation_dice(clients, sim.get_model_weights(out.state).trainable, r)
+                sim.get_model_weights(out.state).assign_weights_to(eval_model)
+                remote.validation_dice(eval_model, r)
 
             weights = sim.get_model_weights(state).trainable
             model_bytes = int(sum(np.asarray(w).nbytes for w in weights))

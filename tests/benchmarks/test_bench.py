@@ -172,6 +172,15 @@ def test_bench_quick_privacy_utility(tmp_path):
     assert (tmp_path / "privacy_utility.md").read_text().startswith("| variant |")
 
 
+@pytest.mark.slow
+def test_bench_quick_cross_silo(tmp_path):
+    r, saved = _quick("cross_silo", tmp_path)
+    assert saved["config"]["quick"] is True and r["ratio"] > 0
+    wire, model = r["bytes_per_round_per_site"], r["model_bytes"]
+    assert model < wire["down"] < 3 * model  # the weights twice (Round, Evaluate) and headers
+    assert model < wire["up"] < 2 * model  # the noised delta and a header only
+
+
 def test_attack_results_keep_earlier_cases_only_for_the_same_config_and_data(tmp_path):
     attack = _benchmark("attack")
     data = tmp_path / "data"
