@@ -43,6 +43,14 @@ from cli.common import emit, handle_errors, json_option
     help="Cross-silo: train with `tff-privseg site serve` processes that keep their data "
     "(no --data here).",
 )
+@click.option(
+    "--site-timeout",
+    type=click.FloatRange(min=1, max_open=False),
+    default=3600,
+    show_default=True,
+    help="With --sites: seconds a site may take to answer one call (a round's local training "
+    "or its validation) before the round ends with an error naming it.",
+)
 @json_option
 @handle_errors
 def train(
@@ -57,6 +65,7 @@ def train(
     workers: str | None,
     tls_dir: str | None,
     sites: str | None,
+    site_timeout: float,
     as_json: bool,
 ) -> None:
     """Train a segmentation model across sites with TFF (and DP), into a run directory.
@@ -96,7 +105,9 @@ def train(
     if sites:  # TensorFlow is imported after the checks
         from tff_privseg.silo.coordinator import train_cross_silo
 
-        summary = train_cross_silo(cfg, out, sites, tls_dir, resume, progress=not quiet)
+        summary = train_cross_silo(
+            cfg, out, sites, tls_dir, resume, progress=not quiet, timeout=site_timeout
+        )
     else:
         from tff_privseg.federated.train import train as run_training
 

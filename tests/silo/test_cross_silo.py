@@ -300,6 +300,49 @@ def site_ledger(world: dict, name: str) -> dict:
     return record
 
 
+@pytest.mark.slow
+def test_a_site_that_stops_answering_ends_the_round_at_the_timeout(world, trained):
+    """siteC is frozen (SIGSTOP): the coordinator's call to it runs past --site-timeout and the
+    round ends with one line naming it; nothing about the round is committed."""
+    tmp = world["tmp"]
+    cwd = tmp / "coord-hung"
+    shutil.copytree(trained["coord"], cwd / "run")
+    (cwd / "run" / ".lock").unlink(missing_ok=True)
+    c = world["sites"]["siteC"]
+    os.kill(c.proc.pid, signal.SIGSTOP)
+    try:
+        code, _, err = finish(
+            cli(
+                "train",
+                "--config",
+                str(SMOKE),
+                "--sites",
+                sites_arg(world["sites"]),
+                "--tls-dir",
+                str(world["pki"]),
+                "--out",
+                "run",
+                "--resume",
+                "--rounds",
+                "3",
+                "--site-timeout",
+                "20",
+                "--quiet",
+                cwd=cwd,
+            )  # fmt: skip
+        )
+    finally:
+        os.kill(c.proc.pid, signal.SIGCONT)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.match(
+        r"error: site siteC \(127\.0\.0\.1:\d+\) did not answer .* within 20 s", lines[0]
+    )
+    run = cwd / "run"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "privacy.json").read_text())["rounds"] == 2
+
+
 @pytest.mark.slow  # about a minute more on 2 cores: run with -m slow
 def test_site_lost_mid_round_then_restarted_and_resumed(world, trained):
     """siteB is killed (SIGKILL) while it trains round 3: one line naming it, the last

@@ -83,8 +83,15 @@ class SiteError(UserError):
 class SiteClient:
     """One site over mutual TLS; every failure becomes one line naming the site."""
 
-    def __init__(self, name: str, address: str, creds: grpc.ChannelCredentials) -> None:
-        self.name, self.address = name, address
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        creds: grpc.ChannelCredentials,
+        timeout: float | None = None,
+    ) -> None:
+        """timeout: seconds a call may take (None: no limit); a site past it ends the round."""
+        self.name, self.address, self.timeout = name, address, timeout
         self.channel = grpc.secure_channel(address, creds, options=wire.OPTIONS)
         self._calls = {m: self.channel.unary_unary(f"/{wire.SERVICE}/{m}") for m in wire.METHODS}
         self.config_digest = ""
@@ -98,12 +105,18 @@ class SiteClient:
     ) -> tuple[dict[str, Any], list[np.ndarray]]:
         request = wire.encode(header, list(tensors), side="coordinator", method=method)
         try:
-            response = self._calls[method](request)
+            response = self._calls[method](request, timeout=self.timeout)
         except grpc.RpcError as e:
             code, details = e.code(), (e.details() or "").strip()
             what = what or method
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise SiteError(f"site {self.name} refused {what}: {details}") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise SiteError(
+                    f"site {self.name} ({self.address}) did not answer {what} within "
+                    f"{self.timeout:g} s; the last checkpoint is intact: check the site and run "
+                    "`train --resume`"
+                ) from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise SiteError(
                     f"site {self.name} ({self.address}) unreachable or lost during {what} "
@@ -199,8 +212,10 @@ def train_cross_silo(
     resume: bool = False,
     progress: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    """`train --sites`: the coordinator's loop. No data is read here."""
+    """`train --sites`: the coordinator's loop. No data is read here. `timeout`: seconds a
+    site may take to answer one call (None: no limit)."""
     from tff_privseg.rundir import prepare_run_dir
     from tff_privseg.runtime import RemoteTls, local_runtime
 
@@ -209,7 +224,7 @@ def train_cross_silo(
         raise UserError("--sites: train.mode = centralized pools the data; use a federated config")
     creds = RemoteTls.from_dir(tls_dir).credentials()
     run = prepare_run_dir(cfg, Path(out), resume)
-    clients = [SiteClient(n, a, creds) for n, a in addresses]
+    clients = [SiteClient(n, a, creds, timeout) for n, a in addresses]
     try:
         run.check_data([], resume)  # the coordinator holds no data; each site checks its own
         with local_runtime():  # the server step: a TFF computation on a private local worker
