@@ -68,6 +68,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     # fewer, larger noisy steps: ~ the same slices per round (64 x 2 vs 24 x 5), σ recalibrated
     "batch64": BATCH64,
     "batch64_ema": BATCH64 | EMA,
+    # more, smaller noisy steps: the same slices per round (12 x 10 vs 24 x 5), σ recalibrated
+    "batch12x10": {"train.batch_size": 12, "train.local_steps": 10},
+    "batch24x5": {"train.batch_size": 24, "train.local_steps": 5},  # the recipe before issue 19
+    "batch6x20": {"train.batch_size": 6, "train.local_steps": 20},
     "server_adam": SERVER_ADAM,
     "server_adam_ema": SERVER_ADAM | EMA,
     # augmentation alone, and with multiplicity 4 (De et al. 2022)
@@ -278,7 +282,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(CONFIGS / "default.toml"))
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    ap.add_argument(
+        "--eps", type=float, nargs="*", default=[1.0, 3.0, 8.0], help="none: baselines only"
+    )
     ap.add_argument("--patient", action="store_true", help="also patient-level DP")
     ap.add_argument("--units", nargs="+", choices=["slice", "patient"], default=None)
     ap.add_argument("--keys", type=int, default=1, help="repetitions, each with a fresh key")
