@@ -58,8 +58,9 @@ def bench(only: tuple[str, ...], quick: bool, out: str | None, as_json: bool) ->
     Default: dp_overhead, tff_overhead, torch_reference. With --only NAME also:
       memory           RSS (coordinator + TFF worker) over 30 rounds; 3 vs 12 sites
       scaling          TFF round time vs sites (3/6/12) and resolution (64/128/256)
-      privacy_utility  val Dice of centralized / FedAvg / DP-SGD at ε 1, 3, 8 (trains
-                       each; long: --quick is 2 rounds of configs/smoke.toml)
+      privacy_utility  val and test Dice (mean ± sd over 3 secret keys) of centralized /
+                       FedAvg / slice- and patient-level DP-SGD at ε 1, 3, 8 (trains each
+                       3 times: an hour or more; --quick is 2 rounds of configs/smoke.toml)
 
     Each benchmark prints its figures and writes benchmarks/results/NAME.json (figures,
     configuration, machine; privacy_utility also NAME.md). With --json the last line is one

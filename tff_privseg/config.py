@@ -39,6 +39,12 @@ class AugmentConfig:
     scale: float = 0.0  # fraction, zoom in [1 - scale, 1 + scale]
     noise_std: float = 0.0  # Gaussian noise std on the [0, 1] image
     noise_prob: float = 0.0  # probability a slice gets noise
+    # Augmentation multiplicity (De et al. 2022): each sampled slot is seen as this many
+    # independently augmented views, and a record's gradient is the mean over its views before
+    # it is clipped. Keeps the DP guarantee: the views are a function of the record alone and
+    # the clip still bounds the record's whole influence on a step; costs this many times the
+    # compute per step. Needs an augmentation above; 1 = off.
+    multiplicity: int = 1
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,11 @@ class TrainConfig:
     sites_per_round: int = 0  # 0 = all sites every round
     weighting: Literal["uniform", "examples"] = "uniform"
     seed: int = 0
+    # EMA (Polyak) averaging of the released global models over rounds: the evaluated and saved
+    # model is ema_r = decay * ema_{r-1} + (1 - decay) * w_r (ema_1 = w_1). Keeps the DP
+    # guarantee: post-processing of models already released; training itself is unchanged.
+    # 0 = off (the last global model).
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +218,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "data.augment.scale": (0, 0.99),
     "data.augment.noise_std": (0, 10),
     "data.augment.noise_prob": (0, 1),
+    "data.augment.multiplicity": (1, 64),
     "model.depth": (1, 8),
     "model.base_filters": (1, 4096),
     "model.groups": (1, 4096),
@@ -220,6 +232,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.weight_decay": (0, 1),
     "train.sites_per_round": (0, 100_000),
     "train.seed": _SEED,
+    "train.ema_decay": (0, 0.999999),
     "privacy.noise_multiplier": (0, 1e6),
     "privacy.l2_norm_clip": (0, 1e6),
     "privacy.target_epsilon": (0, 1e6),
@@ -272,6 +285,8 @@ def validate(cfg: Config, source: str) -> None:
     for key in ("rounds", "batch_size"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", "must be >= 1")
+    if d.augment.multiplicity > 1 and not _augments(d.augment):
+        bad("data.augment.multiplicity", "needs an augmentation (identical views add nothing)")
     if t.local_steps < 1 and t.local_epochs < 1:
         bad("train.local_steps", "must be >= 1 (or set train.local_epochs)")
     if t.client_lr <= 0 or t.server_lr <= 0:
@@ -313,6 +328,10 @@ def validate(cfg: Config, source: str) -> None:
         bad("privacy.target_epsilon", "must be >= 0")
     if p.clipping == "adaptive" and not 0 < p.target_quantile < 1:
         bad("privacy.target_quantile", "must be in (0, 1)")
+
+
+def _augments(a: AugmentConfig) -> bool:
+    return any((a.rotation, a.translate, a.scale, a.noise_std and a.noise_prob))
 
 
 # --------------------------------------------------------------------------------------------

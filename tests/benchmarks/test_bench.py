@@ -118,8 +118,27 @@ def test_privacy_utility_table_and_headline():
     ]
     assert pu._headline(rows)["ratio"] == pytest.approx(0.5)
     table = pu.table([r | {"wall_s": 1.0} for r in rows])
-    assert table.count("\n") == 5 and "| dp_slice_eps1 | 2.00 | 1.00 | 0.400 | 1 |" in table
+    assert table.count("\n") == 5 and "| dp_slice_eps1 | 1 | 2.00 | 1.00 | 0.400 | – | 1 |" in table
+    # repeated over keys: mean ± sd of val and test Dice (and of the last model under EMA)
+    reps = {"keys": 3, "val": pu.mean_sd([0.5, 0.6, 0.7]), "test": pu.mean_sd([0.4, 0.4, 0.4])}
+    reps["val_raw"] = pu.mean_sd([0.3, 0.5, None])
+    table = pu.table([rows[2] | reps | {"wall_s": 2.0}])
+    cells = "| 3 | 0.70 | 8.00 | 0.600 ± 0.100 | 0.400 ± 0.000 | 0.400 ± 0.141 | 2 |"
+    assert f"| dp_slice_eps8 {cells}" in table
     assert callable(pu.run) and callable(pu.main)
+    # ablation rows: a lever's overrides on top of each DP variant, the baselines first
+    names = [n for n, _ in pu.variants(None, [8.0], True, ["default", "ema"])]
+    assert names == [
+        "centralized",
+        "fedavg",
+        "dp_slice_eps8",
+        "dp_slice_eps8_ema",
+        "dp_patient_eps8",
+        "dp_patient_eps8_ema",
+    ]
+    cfg = config_lib.load(Path(__file__).resolve().parents[2] / "configs" / "default.toml")
+    assert pu.data_overrides(cfg, 0) == {}  # the config's own set
+    assert pu.data_overrides(cfg, 1) == {"data.synth.seed": 1, "data.root": "data/synth_seed1"}
 
 
 def _quick(name: str, tmp_path: Path) -> dict:

@@ -196,12 +196,15 @@ def test_adding_a_record_anywhere_changes_no_other_records_draws(unit):
             assert without(after, "new") == before, pos  # every other record: same draws
 
 
+@pytest.mark.parametrize("views", [1, 3])
 @pytest.mark.parametrize("unit", ["slice", "patient"])
-def test_with_augmentation_adding_a_record_anywhere_moves_the_clipped_sum_by_at_most_c(unit):
+def test_with_augmentation_adding_a_record_anywhere_moves_the_clipped_sum_by_at_most_c(unit, views):
     """The audit's case: with a fixed, position-folded augmentation seed, a record inserted at
     the front of a batch moved the clipped sum by 0.82 at C = 0.7. Now every slot carries its
     own seed, so the other records' contributions stay put (the old scheme, emulated on this
-    test's data, moved it by up to 2.26 C). Patient unit: records of 2 slots, clipped as one."""
+    test's data, moved it by up to 2.26 C). Patient unit: records of 2 slots, clipped as one.
+    views = 3: augmentation multiplicity, every record as 3 augmented views averaged before
+    the clip (`sampling.with_views`): the bound holds for the record as a whole."""
     clip = 0.05  # every record's gradient is clipped (norms are ~0.1-1 here)
     model = build_model(ModelConfig(name="unet", depth=2, base_filters=4, groups=2), R, seed=0)
     base = synthetic_rows({"p0": 2, "p1": 1, "p2": 3})
@@ -217,15 +220,21 @@ def test_with_augmentation_adding_a_record_anywhere_moves_the_clipped_sum_by_at_
             batches, weights = sampling.poisson_patient_batches(
                 site.train.volume_index, ids, 1.0, 2, 1, 3, 0
             )
-        seeds = sampling.slot_seeds(ids.slices, batches, 3, 0)
+        slots = 1 if unit == "slice" else 2
+        view_of = None
+        if views > 1:
+            if weights is None:
+                weights = [np.ones(len(b), np.float32) for b in batches]
+            batches, weights, view_of = sampling.with_views(batches, weights, slots, views)
+        seeds = sampling.slot_seeds(ids.slices, batches, 3, 0, view_of)
         ds = sampling.batches_dataset(
             site.train.images, site.train.labels, batches, weights, augment=AUG, seeds=seeds
         )
         x, y, w = next(iter(ds))
         assert not np.allclose(x.numpy(), site.train.images[batches[0]])  # augmented
-        if unit == "slice":  # the client's DP-SGD sum (expected batch 1: the sum itself)
+        if unit == "slice" and views == 1:  # the client's DP-SGD sum (expected batch 1: the sum)
             return dp_gradient(model, get_loss("dice"), x, y, query, 1.0)[0]
-        return record_dp_gradient(model, get_loss("dice"), x, y, w, 2, query, 1.0)[0]
+        return record_dp_gradient(model, get_loss("dice"), x, y, w, slots * views, query, 1.0)[0]
 
     ref = step_sum(base)
     for pos in range(len(base) + 1):
@@ -234,6 +243,72 @@ def test_with_augmentation_adding_a_record_anywhere_moves_the_clipped_sum_by_at_
         )
         assert float(moved) <= clip * (1 + 1e-4), pos
         assert float(moved) > 0.5 * clip  # the new record is in and counts
+
+
+def test_augmentation_multiplicity_views_differ_and_average_before_the_clip():
+    """Each record becomes M consecutive views of its slots, each view augmented from its own
+    seed (view 0 as without multiplicity); the record's gradient is the mean over its views,
+    and only then clipped: one record moves the step by at most C whatever M is."""
+    site = site_data("s", synthetic_rows({"p0": 2, "p1": 3, "p2": 2}))
+    ids = sampling.record_ids("s", site.train)
+    batches, weights = sampling.poisson_patient_batches(
+        site.train.volume_index, ids, 1.0, 2, 1, 3, 0
+    )
+    vb, vw, view_of = sampling.with_views(batches, weights, 2, 3)
+    assert len(vb[0]) == 3 * len(batches[0])
+    assert view_of[0].tolist() == [0, 0, 1, 1, 2, 2] * 3  # [record][view][slot]
+    assert vb[0].reshape(3, 3, 2)[:, 1].tolist() == batches[0].reshape(3, 2).tolist()
+    assert vw[0].reshape(3, 3, 2)[:, 2].tolist() == weights[0].reshape(3, 2).tolist()
+    seeds = sampling.slot_seeds(ids.slices, vb, 3, 0, view_of)[0].reshape(3, 3, 2, 2)
+    plain = sampling.slot_seeds(ids.slices, batches, 3, 0)[0].reshape(3, 2, 2)
+    np.testing.assert_array_equal(seeds[:, 0], plain)  # view 0 = no multiplicity
+    assert len({tuple(s) for s in seeds[0, :, 0].tolist()}) == 3  # three different views
+
+    ds = sampling.batches_dataset(
+        site.train.images, site.train.labels, vb, vw, augment=AUG, seeds=[seeds.reshape(-1, 2)]
+    )
+    x, y, w = next(iter(ds))
+    model = build_model(ModelConfig(name="unet", depth=2, base_filters=4, groups=2), R, seed=0)
+    loss = get_loss("dice")
+
+    def summed(clip, xs, ys, ws, group):
+        query = SeededGaussianSumQuery(clip, 0.0, tf.constant([1, 2], tf.int64))
+        return record_dp_gradient(model, loss, xs, ys, ws, group, query, 1.0)[0]
+
+    # no clipping (huge C): the sum over records of the mean over views = mean over views
+    rows = np.arange(len(vb[0])).reshape(3, 3, 2)  # [record, view, slot]
+    whole = summed(1e6, x, y, w, 6)
+    per_view = [
+        summed(1e6, *(tf.gather(t, rows[:, v].reshape(-1)) for t in (x, y, w)), 2) for v in range(3)
+    ]
+    for i, g in enumerate(whole):
+        mean = sum(p[i] for p in per_view) / 3.0
+        np.testing.assert_allclose(g.numpy(), mean.numpy(), rtol=2e-4, atol=1e-6)
+    # clipped: every record (its 3 views together) to C, so one record's sum has norm <= C
+    clip = 1e-3
+    for r in range(3):
+        one = summed(clip, *(tf.gather(t, rows[r].reshape(-1)) for t in (x, y, w)), 6)
+        norm = float(tf.linalg.global_norm(one))
+        assert 0.99 * clip < norm <= clip * (1 + 1e-4)
+
+
+def test_plan_with_multiplicity_gives_records_of_slots_times_views():
+    from tff_privseg.privacy.dp_sgd import dp_sgd_spec
+
+    aug = {"data.augment.rotation": 10.0, "data.augment.multiplicity": 3}
+    for unit, slots in (("slice", 1), ("patient", 2)):
+        cfg = dp_cfg(**aug, **{"privacy.unit": unit, "privacy.slices_per_patient": 2})
+        assert dp_sgd_spec(cfg).group == slots * 3
+        plan = plan_round(cfg, SITES, 1, 11)
+        plain = plan_round(cfg.replace(**{"data.augment.multiplicity": 1}), SITES, 1, 11)
+        for i in plan.sites:
+            for b, w, a, b1 in zip(
+                plan.batches[i], plan.weights[i], plan.augment[i], plain.batches[i], strict=True
+            ):
+                assert len(b) == len(w) == len(a) == 3 * len(b1)  # same records, 3 views each
+                assert b.reshape(-1, 3, slots)[:, 0].reshape(-1).tolist() == b1.tolist()
+    with pytest.raises(config.UserError, match="multiplicity"):
+        dp_cfg(**{"data.augment.multiplicity": 2})  # no augmentation: identical views
 
 
 def test_site_level_inner_batches_follow_the_site_name_not_its_index():

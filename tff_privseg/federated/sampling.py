@@ -215,15 +215,47 @@ def poisson_patient_batches(
 
 
 def slot_seeds(
-    ids: Sequence[bytes], batches: list[np.ndarray], key: Key, round_num: int
+    ids: Sequence[bytes],
+    batches: list[np.ndarray],
+    key: Key,
+    round_num: int,
+    views: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """int64 [b, 2] per step: slot j of step s gets PRF(key, "augment", round, s, id of its
-    slice), whatever else is in the batch and wherever the slot sits in it."""
+    slice), whatever else is in the batch and wherever the slot sits in it.
+
+    views: the view number of every slot (`with_views`); view v > 0 of a slice is augmented
+    from the id extended by v, so the views of one slice differ (view 0 keeps the plain id).
+    """
     seeds = []
     for s, batch in enumerate(batches):
-        words = prf_words(key, "augment", round_num, s, [ids[i] for i in batch.tolist()], 2)
+        names = [ids[i] for i in batch.tolist()]
+        if views is not None:
+            pairs = zip(names, views[s].tolist(), strict=True)
+            names = [n if v == 0 else n + b"\0view%d" % v for n, v in pairs]
+        words = prf_words(key, "augment", round_num, s, names, 2)
         seeds.append(words.view(np.int64).reshape(len(batch), 2))
     return seeds
+
+
+def with_views(
+    batches: list[np.ndarray], weights: list[np.ndarray] | None, rows: int, views: int
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, list[np.ndarray]]:
+    """Augmentation multiplicity: every record (`rows` consecutive slots) repeated as `views`
+    consecutive copies, so a record becomes rows·views rows: [record][view][slot].
+
+    Returns (index arrays, slot weights or None, the view number of every slot) per step.
+    """
+
+    def expand(a: np.ndarray) -> np.ndarray:
+        return np.repeat(a.reshape(-1, 1, rows), views, axis=1).reshape(-1)
+
+    out = [expand(b) for b in batches]
+    view_of = [
+        np.tile(np.repeat(np.arange(views), rows), len(b) // rows).astype(np.int64) for b in batches
+    ]
+    wts = None if weights is None else [expand(w) for w in weights]
+    return out, wts, view_of
 
 
 def batches_dataset(

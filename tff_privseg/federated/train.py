@@ -117,8 +117,18 @@ def plan_round(
             batches[i] = sampling.shuffled_batches(
                 len(site.train), cfg.train.batch_size, steps, gen
             )
+        views = None
+        if cfg.data.augment.multiplicity > 1:  # each record as M augmented views (De et al.)
+            slots = cfg.privacy.slices_per_patient if patient_unit(cfg) else 1
+            if weights[i] is None and cfg.privacy.level == "sample":
+                weights[i] = [np.ones(len(b), np.float32) for b in batches[i]]
+            batches[i], weights[i], views = sampling.with_views(
+                batches[i], weights[i], slots, cfg.data.augment.multiplicity
+            )
         aug[i] = (
-            sampling.slot_seeds(ids.slices, batches[i], augment_key, round_num) if augment else None
+            sampling.slot_seeds(ids.slices, batches[i], augment_key, round_num, views)
+            if augment
+            else None
         )
         seeds[i] = sampling.noise_seed(run_key, round_num, site.name)
     return RoundPlan(round_num, list(chosen), batches, weights, seeds, aug)
@@ -143,13 +153,32 @@ def client_inputs(
 
 def validation_dice(model: tf.keras.Model, sites: list[SiteData], batch: int = 32) -> float:
     """Mean over sites of the pooled validation Dice (threshold 0.5)."""
+    return split_dice(model, sites, "val", batch)
+
+
+def split_dice(model: tf.keras.Model, sites: list[SiteData], split: str, batch: int = 32) -> float:
+    """Mean over sites of the pooled Dice on `split` ("val" or "test"; threshold 0.5)."""
     scores = []
     for s in sites:
-        if len(s.val) == 0:
+        part = getattr(s, split)
+        if len(part) == 0:
             continue
-        probs = model.predict(s.val.images, batch_size=batch, verbose=0)
-        scores.append(float(pooled_dice(probs, s.val.labels)))
+        probs = model.predict(part.images, batch_size=batch, verbose=0)
+        scores.append(float(pooled_dice(probs, part.labels)))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def ema_update(
+    ema: list[np.ndarray] | None, weights: list[np.ndarray], decay: float
+) -> list[np.ndarray]:
+    """The EMA of the released global models after one more: decay·ema + (1 - decay)·weights;
+    the first released model itself when there is none yet (`train.ema_decay`)."""
+    if ema is None:
+        return [np.array(w, np.float32, copy=True) for w in weights]
+    return [
+        (decay * e + (1.0 - decay) * np.asarray(w)).astype(np.float32)
+        for e, w in zip(ema, weights, strict=True)
+    ]
 
 
 def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> list[SiteData]:
@@ -253,12 +282,17 @@ def run_rounds(
     process = federation.build_process(model_fn, dp)
     state = process.initialize()
     ledger, start = federation.new_ledger(), 0
-    found = checkpoint.load_newest(run.checkpoints, state, _warn) if resume else None
+    decay = cfg.train.ema_decay
+    ema = None  # the EMA of the released global models (train.ema_decay > 0)
+    template = (state, process.get_model_weights(state).trainable) if decay > 0 else state
+    found = checkpoint.load_newest(run.checkpoints, template, _warn) if resume else None
     if found is not None and found[2]["run_key"] != read_run_key(run):
         raise UserError(f"made with another run key than {run.key_file}", found[0])
     run_key = run.begin(cfg, resume)  # persisted before any round is released
     if found is not None:
         path, state, header = found
+        if decay > 0:
+            state, ema = state[0], [np.asarray(e) for e in state[1]]
         ledger = PrivacyLedger.from_json(header["ledger"])
         start = header["round"]
         ledger = _count_site_level_reruns(cfg, ledger, run.rounds_released() - start)
@@ -290,21 +324,30 @@ def run_rounds(
         state, metrics = output.state, output.metrics["client_work"]
         examples, loss_sum = int(metrics["examples"]), float(metrics["loss_sum"])
         ledger = federation.released(next_ledger, process)
-        _assign(eval_model, process.get_model_weights(state).trainable)
-        row = round_row(
-            cfg,
-            r + 1,
-            val_dice=federation.validation_dice(eval_model, r),
-            epsilon=ledger.epsilon,
-            seconds=time.perf_counter() - t0,
-            loss=loss_sum / examples if examples else float("nan"),
-            examples=examples,
-            sites=[names[i] for i in chosen],
+        released = process.get_model_weights(state).trainable
+        extra = {}
+        if decay > 0:  # post-processing of released models only: no privacy cost
+            _assign(eval_model, released)
+            extra["val_dice_raw"] = federation.validation_dice(eval_model, r)
+            ema = ema_update(ema, released, decay)
+        _assign(eval_model, ema if decay > 0 else released)
+        row = (
+            round_row(
+                cfg,
+                r + 1,
+                val_dice=federation.validation_dice(eval_model, r),
+                epsilon=ledger.epsilon,
+                seconds=time.perf_counter() - t0,
+                loss=loss_sum / examples if examples else float("nan"),
+                examples=examples,
+                sites=[names[i] for i in chosen],
+            )
+            | extra
         )
         # The round is committed before anything about it leaves: a crash after the checkpoint
         # never re-runs the round (its row is restored from the header on --resume).
         header = {"round": r + 1, "ledger": ledger.to_json(), "run_key": run_key, "row": row}
-        checkpoint.save(run.checkpoints, r + 1, state, header)
+        checkpoint.save(run.checkpoints, r + 1, (state, ema) if decay > 0 else state, header)
         run.publish_ledger(ledger)
         run.append_metrics(row)
         _tensorboard(writer, row)
@@ -316,7 +359,8 @@ def run_rounds(
         bar.close()
     if not run.privacy.exists():
         run.publish_ledger(ledger)
-    _assign(eval_model, process.get_model_weights(state).trainable)
+    final = process.get_model_weights(state).trainable
+    _assign(eval_model, ema if decay > 0 and ema is not None else final)
     _save_model(eval_model, run)
     return _summary(cfg, run, rows, ledger, stopped)
 

@@ -85,10 +85,22 @@ class DpSgdSpec:
 
 def dp_sgd_spec(cfg: Config) -> DpSgdSpec:
     """The run's DP-SGD parameters (whatever privacy.level is): q·N is the batch size; a
-    patient record (privacy.unit = "patient") is privacy.slices_per_patient slots."""
+    patient record (privacy.unit = "patient") is privacy.slices_per_patient slots, and with
+    augmentation multiplicity M every record is M views of its slots (`record_rows`)."""
+    return DpSgdSpec(
+        cfg.privacy.l2_norm_clip,
+        cfg.privacy.noise_multiplier,
+        float(cfg.train.batch_size),
+        record_rows(cfg),
+    )
+
+
+def record_rows(cfg: Config) -> int:
+    """Rows of one privacy record in a batch: its slots (privacy.slices_per_patient for a
+    patient, 1 for a slice) times data.augment.multiplicity views of each."""
     p = cfg.privacy
-    group = p.slices_per_patient if p.unit == "patient" else 1
-    return DpSgdSpec(p.l2_norm_clip, p.noise_multiplier, float(cfg.train.batch_size), group)
+    slots = p.slices_per_patient if p.unit == "patient" else 1
+    return slots * cfg.data.augment.multiplicity
 
 
 def per_example_gradients(
