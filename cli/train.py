@@ -89,7 +89,7 @@ def train(
     if privacy_level is not None:
         overrides["privacy.level"] = privacy_level
     cfg = config_lib.load(config_path, overrides)
-    if sites:
+    if sites is not None:
         from tff_privseg.silo.coordinator import check_site_args
 
         if workers:
@@ -102,7 +102,7 @@ def train(
 
         check_remote_args(workers, tls_dir)
     out = out or f"runs/{Path(config_path).stem}-{cfg.digest()}"
-    if sites:  # TensorFlow is imported after the checks
+    if sites is not None:  # TensorFlow is imported after the checks
         from tff_privseg.silo.coordinator import train_cross_silo
 
         summary = train_cross_silo(

@@ -14,7 +14,7 @@ import numpy as np
 
 from tff_privseg.config import DataConfig
 from tff_privseg.data.layout import NIFTI_SUFFIXES, CaseFiles
-from tff_privseg.data.loader import allowed_labels, read_case_files
+from tff_privseg.data.loader import read_case_files
 from tff_privseg.data.nifti import as_label_array, open_nifti, read_canonical
 from tff_privseg.data.preprocess import (
     map_labels,
@@ -66,7 +66,8 @@ def canonical_label(info: VolumeInfo, cfg: DataConfig) -> np.ndarray:
     if not (info.label_path.endswith(NIFTI_SUFFIXES) and info.image_path.endswith(NIFTI_SUFFIXES)):
         kind = "dicom" if Path(info.image_path).is_dir() else "files"
         case = CaseFiles(info.site, info.case, Path(info.image_path), Path(info.label_path), kind)
-        label = read_case_files(case, cfg, allowed_labels(cfg, {})).label
+        # every stored value: the case was validated against its site's classes when loaded
+        label = read_case_files(case, cfg, set(range(256))).label
         return map_labels(label, cfg.labels, cfg.foreground_labels)
     img = open_nifti(info.label_path)
     data, _ = read_canonical(img, info.label_path)
