@@ -82,9 +82,9 @@ def out_option(help: str, **attrs: Any) -> Decorator:
     return path_option("--out", "out", help=help, **attrs)
 
 
-def tls_dir_option(help: str) -> Decorator:
+def tls_dir_option(help: str, **attrs: Any) -> Decorator:
     """``--tls-dir``: a folder of PEM files."""
-    return path_option("--tls-dir", file_okay=False, help=help)
+    return path_option("--tls-dir", file_okay=False, help=help, **attrs)
 
 
 def round_option(help: str) -> Decorator:

@@ -6,6 +6,7 @@ import logging
 
 import click
 
+from cli import common
 from cli.common import handle_errors
 
 
@@ -15,19 +16,12 @@ def site() -> None:
 
 
 @site.command()
-@click.option(
-    "--config",
-    "config_path",
+@common.config_option(
+    "Site config: a [site.accept] table (what the site accepts) and the [data] settings.",
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Site config: a [site.accept] table (what the site accepts) and the [data] settings.",
 )
-@click.option(
-    "--data",
-    "data_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="This site's folder (MSD layout, or images/ + labels/).",
+@common.data_option(
+    "This site's folder (any layout `data check` reads).", required=True, file_okay=False
 )
 @click.option(
     "--listen",
@@ -35,23 +29,21 @@ def site() -> None:
     metavar="HOST:PORT",
     help="Address to serve the coordinator on (port 0: any free port).",
 )
-@click.option(
-    "--tls-dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="server.pem, server.key and ca.pem (the coordinator's client certificate must be "
+@common.tls_dir_option(
+    "server.pem, server.key and ca.pem (the coordinator's client certificate must be "
     "signed by this CA).",
+    required=True,
 )
-@click.option(
+@common.path_option(
     "--state",
     "state_dir",
-    type=click.Path(file_okay=False),
+    file_okay=False,
     help="Where the site keeps its key, ledgers and preprocessed cache "
     "[default: DATA.site-state beside the data folder].",
 )
 @handle_errors
 def serve(
-    config_path: str, data_dir: str, listen: str, tls_dir: str, state_dir: str | None
+    config_path: str, data_root: str, listen: str, tls_dir: str, state_dir: str | None
 ) -> None:
     """Serve this site's local training to a coordinator (`train --sites NAME=HOST:PORT,...`).
 
@@ -72,7 +64,7 @@ def serve(
         raise UserError(f"--listen: '{listen}' is not HOST:PORT")
     tls = TlsFiles.server(tls_dir).check()
     site_cfg = load_site_config(config_path)
-    data = Path(data_dir).resolve()
+    data = Path(data_root).resolve()
     state = Path(state_dir) if state_dir else data.with_name(data.name + ".site-state")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s site: %(message)s")
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,6 +113,13 @@ def sites_arg(sites: dict[str, Site]) -> str:
     return ",".join(f"{n}={s.address}" for n, s in sites.items())
 
 
+def coordinator(world: dict, config: Path, *extra: str, cwd: Path, **kw: Any) -> subprocess.Popen:
+    """`train --sites` on the world's sites into cwd/run (no data path), `extra` appended."""
+    sites = sites_arg(world["sites"])
+    return cli("train", "--config", str(config), "--sites", sites, "--tls-dir",
+               str(world["pki"]), "--out", "run", *extra, cwd=cwd, **kw)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Data (one folder per hospital), a PKI, and three running sites with the same key."""
@@ -153,9 +161,8 @@ def trained(world):
     pre_run_dir(coord_cwd / "run", COORD_KEY)
     sim_run = tmp / "sim"
     pre_run_dir(sim_run, derive_run_key(SITE_KEY, run_id_of(COORD_KEY)))
-    coord = cli("train", "--config", str(SMOKE), "--sites", sites_arg(world["sites"]),
-                "--tls-dir", str(world["pki"]), "--out", "run", "--resume", "--quiet", "--json",
-                cwd=coord_cwd, wire_log=world["wire_log"])  # fmt: skip
+    coord = coordinator(world, SMOKE, "--resume", "--quiet", "--json", cwd=coord_cwd,
+                        wire_log=world["wire_log"])  # fmt: skip
     sim = cli("train", "--config", str(SMOKE), "--data", str(world["data"]), "--out",
               str(sim_run), "--resume", "--quiet", "--json", cwd=tmp)  # fmt: skip
     c_code, c_out, c_err = finish(coord)
@@ -264,21 +271,7 @@ def test_site_refuses_and_the_coordinator_says_so_in_one_line(world, trained, ch
     cwd = tmp / f"coord-{next(iter(change))}"
     cwd.mkdir()
     logs = {n: s.log.read_text() for n, s in world["sites"].items()}
-    code, out, err = finish(
-        cli(
-            "train",
-            "--config",
-            str(cfg),
-            "--sites",
-            sites_arg(world["sites"]),
-            "--tls-dir",
-            str(world["pki"]),
-            "--out",
-            "run",
-            "--quiet",
-            cwd=cwd,
-        )  # fmt: skip
-    )
+    code, out, err = finish(coordinator(world, cfg, "--quiet", cwd=cwd))
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -293,6 +286,14 @@ def test_site_refuses_and_the_coordinator_says_so_in_one_line(world, trained, ch
         assert len(list((state / "runs").glob("*.json"))) == 1
 
 
+def copy_of_trained_run(world: dict, trained: dict, name: str) -> Path:
+    """A coordinator folder holding a copy of the two-round cross-silo run, ready to resume."""
+    cwd = world["tmp"] / name
+    shutil.copytree(trained["coord"], cwd / "run")
+    (cwd / "run" / ".lock").unlink(missing_ok=True)
+    return cwd
+
+
 def site_ledger(world: dict, name: str) -> dict:
     state = world["hosp"][name].with_name(f"{name}.site-state")
     records = [json.loads(p.read_text()) for p in (state / "runs").glob("*.json")]
@@ -304,33 +305,12 @@ def site_ledger(world: dict, name: str) -> dict:
 def test_a_site_that_stops_answering_ends_the_round_at_the_timeout(world, trained):
     """siteC is frozen (SIGSTOP): the coordinator's call to it runs past --site-timeout and the
     round ends with one line naming it; nothing about the round is committed."""
-    tmp = world["tmp"]
-    cwd = tmp / "coord-hung"
-    shutil.copytree(trained["coord"], cwd / "run")
-    (cwd / "run" / ".lock").unlink(missing_ok=True)
+    cwd = copy_of_trained_run(world, trained, "coord-hung")
     c = world["sites"]["siteC"]
     os.kill(c.proc.pid, signal.SIGSTOP)
     try:
-        code, _, err = finish(
-            cli(
-                "train",
-                "--config",
-                str(SMOKE),
-                "--sites",
-                sites_arg(world["sites"]),
-                "--tls-dir",
-                str(world["pki"]),
-                "--out",
-                "run",
-                "--resume",
-                "--rounds",
-                "3",
-                "--site-timeout",
-                "20",
-                "--quiet",
-                cwd=cwd,
-            )  # fmt: skip
-        )
+        args = ("--resume", "--rounds", "3", "--site-timeout", "20", "--quiet")
+        code, _, err = finish(coordinator(world, SMOKE, *args, cwd=cwd))
     finally:
         os.kill(c.proc.pid, signal.SIGCONT)
     lines = err.strip().splitlines()
@@ -349,16 +329,12 @@ def test_site_lost_mid_round_then_restarted_and_resumed(world, trained):
     checkpoint and every ledger consistent; restarted with the same state folder it keeps its
     key and ledger; `--resume` finishes round 3, which the other sites answer again with the
     same update without counting it twice."""
-    tmp = world["tmp"]
-    cwd = tmp / "coord-fault"
-    shutil.copytree(trained["coord"], cwd / "run")
-    (cwd / "run" / ".lock").unlink(missing_ok=True)
+    cwd = copy_of_trained_run(world, trained, "coord-fault")
     b = world["sites"]["siteB"]
     key_file = world["hosp"]["siteB"].with_name("siteB.site-state") / "site_key"
     offset = len(world["wire_log"].read_bytes())
-    args = ("train", "--config", str(SMOKE), "--sites", sites_arg(world["sites"]), "--tls-dir",
-            str(world["pki"]), "--out", "run", "--resume", "--rounds", "3", "--quiet")  # fmt: skip
-    coord = cli(*args, cwd=cwd)
+    args = ("--resume", "--rounds", "3", "--quiet")
+    coord = coordinator(world, SMOKE, *args, cwd=cwd)
 
     def b_got_round() -> bool:
         new = world["wire_log"].read_bytes()[offset:].decode().splitlines()
@@ -393,7 +369,7 @@ def test_site_lost_mid_round_then_restarted_and_resumed(world, trained):
     restarted = Site(world, "siteB").start().wait_ready()
     world["sites"]["siteB"] = restarted
     assert key_file.read_text() == key  # the site keeps its key
-    code, out, err = finish(cli(*args[:4], sites_arg(world["sites"]), *args[5:], cwd=cwd))
+    code, out, err = finish(coordinator(world, SMOKE, *args, cwd=cwd))  # the restarted siteB
     assert code == 0, err[-3000:]
     after = {n: site_ledger(world, n) for n in NAMES}
     priv = json.loads((run / "privacy.json").read_text())
