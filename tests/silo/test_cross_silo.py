@@ -304,19 +304,21 @@ def site_ledger(world: dict, name: str) -> dict:
 @pytest.mark.slow
 def test_a_site_that_stops_answering_ends_the_round_at_the_timeout(world, trained):
     """siteC is frozen (SIGSTOP): the coordinator's call to it runs past --site-timeout and the
-    round ends with one line naming it; nothing about the round is committed."""
+    round ends with one line naming it; nothing about the round is committed. (The timeout is
+    kept short: left long, a frozen site can fail gRPC's TLS handshake first, which is reported
+    as unreachable -- also one line naming it.)"""
     cwd = copy_of_trained_run(world, trained, "coord-hung")
     c = world["sites"]["siteC"]
     os.kill(c.proc.pid, signal.SIGSTOP)
     try:
-        args = ("--resume", "--rounds", "3", "--site-timeout", "20", "--quiet")
+        args = ("--resume", "--rounds", "3", "--site-timeout", "5", "--quiet")
         code, _, err = finish(coordinator(world, SMOKE, *args, cwd=cwd))
     finally:
         os.kill(c.proc.pid, signal.SIGCONT)
     lines = err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "Traceback" not in err, err
     assert re.match(
-        r"error: site siteC \(127\.0\.0\.1:\d+\) did not answer .* within 20 s", lines[0]
+        r"error: site siteC \(127\.0\.0\.1:\d+\) did not answer .* within 5 s", lines[0]
     )
     run = cwd / "run"
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
