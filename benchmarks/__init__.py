@@ -16,6 +16,7 @@ from types import ModuleType
 BENCHMARKS: dict[str, str] = {
     "cross_silo": "benchmarks.cross_silo",
     "dp_overhead": "benchmarks.dp_overhead",
+    "lung_federation": "benchmarks.lung_federation",
     "memory": "benchmarks.memory",
     "privacy_utility": "benchmarks.privacy_utility",
     "scaling": "benchmarks.scaling",

@@ -43,7 +43,7 @@ def _load(name: str) -> ModuleType:
     multiple=True,
     help="Run only this benchmark (repeatable): a module of benchmarks/ with run(quick): "
     + ", ".join(DEFAULT)
-    + " (the default), memory, scaling, privacy_utility.",
+    + " (the default), memory, scaling, privacy_utility, lung_federation.",
 )
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions (a smoke run).")
 @common.out_option(
@@ -61,6 +61,9 @@ def bench(only: tuple[str, ...], quick: bool, out: str | None, as_json: bool) ->
       privacy_utility  val and test Dice (mean ± sd over 3 secret keys) of centralized /
                        FedAvg / slice- and patient-level DP-SGD at ε 1, 3, 8 (trains each
                        3 times: an hour or more; --quick is 2 rounds of configs/smoke.toml)
+      lung_federation  real lung CT (data/example_lung): FedAvg vs each site alone
+                       (in-sample and on the unseen site) vs pooled vs slice-level DP-SGD,
+                       Dice and HD95 per site (9 trainings, ~45 min; also NAME.md)
 
     Each benchmark prints its figures and writes benchmarks/results/NAME.json (figures,
     configuration, machine; privacy_utility also NAME.md). With --json the last line is one
