@@ -63,7 +63,7 @@ def bench(only: tuple[str, ...], quick: bool, out: str | None, as_json: bool) ->
                        3 times: an hour or more; --quick is 2 rounds of configs/smoke.toml)
       lung_federation  real lung CT (data/example_lung): FedAvg vs each site alone
                        (in-sample and on the unseen site) vs pooled vs slice-level DP-SGD,
-                       Dice and HD95 per site (9 trainings, ~45 min; also NAME.md)
+                       Dice and HD95 per site (11 trainings, ~1 h; also NAME.md)
 
     Each benchmark prints its figures and writes benchmarks/results/NAME.json (figures,
     configuration, machine; privacy_utility also NAME.md). With --json the last line is one

@@ -141,7 +141,24 @@ def test_lung_table_marks_unseen_sites_and_summarises_seeds():
             },
             eps=7.998,
             sigma=1.349,
-        ),
+        )
+        | {
+            "records": {"radiomics_phantom": 183, "rider_lung": 48},
+            "privacy_plan": {
+                "noise_multiplier": 1.349,
+                "units": {
+                    "radiomics_phantom": {"sampling_rate": 0.0437, "epsilon": 1.957},
+                    "rider_lung": {"sampling_rate": 0.1667, "epsilon": 7.998},
+                },
+                "per_patient": {
+                    "radiomics_phantom": {
+                        "largest_bounded_group": 10,
+                        "patient_level_epsilon": 61.4,
+                    },
+                    "rider_lung": {"largest_bounded_group": 6, "patient_level_epsilon": 61.4},
+                },
+            },
+        },
         _row(
             "fedavg_seed1",
             "FedAvg, seed 1",
@@ -183,6 +200,12 @@ def test_lung_table_marks_unseen_sites_and_summarises_seeds():
         in per_volume
     )
     assert "| rider_lung alone | 0.500 † | 0.100 † | 0.800 |" in per_volume
+    privacy = md.split("Privacy of the DP rows")[1]
+    assert (
+        "| DP-SGD slice, ε 8 | 1.349 | 183, 0.044, 1.96 | 48, 0.167, 8.00 | 10 | 6 | 61.4 |"
+        in privacy
+    )
+    assert "FedAvg" not in privacy
 
 
 def test_lung_site_scores_from_an_evaluation():
