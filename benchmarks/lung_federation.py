@@ -302,7 +302,8 @@ def measure(
         "resolution": base.data.resolution,
         "eps": list(eps),
         "seeds": list(seeds),
-        "total_wall_s": time.perf_counter() - t0,
+        "total_wall_s": time.perf_counter() - t0,  # this invocation (--reuse: new rows only)
+        "trainings_wall_s": sum(r["train_wall_s"] + r["eval_wall_s"] for r in rows),
         "fedavg_seeds": fedavg_spread(rows),
         **headline(rows),
         "rows": rows,
