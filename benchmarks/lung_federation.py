@@ -26,7 +26,7 @@ volumes (3D, source grid), HD95 the median over them (mm).
 Writes RESULTS/lung_federation.json (`measure()`'s dict via `benchmarks.common.save`) and
 lung_federation.md (the tables). --reuse keeps a training whose row file OUT/NAME.row.json
 was written with the same config (an interrupted run continues where it stopped).
-`--quick` (bench): 1 round at 32 px, one seed, ε 30, in a temporary directory (about 10 min
+`--quick` (bench): 1 round at 32 px, one seed, ε 30, in a temporary directory (7.4 min
 here: every training and evaluation still starts its own process).
 """
 
