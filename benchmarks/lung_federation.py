@@ -56,7 +56,7 @@ DATA = Path("data", "example_lung")
 CONFIG = Path("configs", "example_lung.toml")
 # The config's 20 rounds leave the FedAvg loss still falling at 128 px (1.27 -> 0.70 over
 # rounds 1-20, measured); 40 rounds is ~4 min per federated training on 2 shared cores.
-ROUNDS = 40
+ROUNDS = 40  # configs/example_lung.toml's too
 # Slice-level targets: 8 (a common choice) and 30; 100 and 1000 are no guarantee worth having
 # and locate where the noise stops erasing what 48 and 183 slices per site can teach.
 EPS = (8.0, 30.0, 100.0, 1000.0)
