@@ -60,6 +60,12 @@ EMA = {"train.ema_decay": 0.9}
 BATCH64 = {"train.batch_size": 64, "train.local_steps": 2}
 SERVER_ADAM = {"train.server_optimizer": "adam", "train.server_lr": 0.01}
 AUG4 = LIGHT_AUGMENT | {"data.augment.multiplicity": 4}
+# Public pre-training: FedAvg without DP on a synthetic set that is public by construction (its
+# own seed: neither the report set, seed 0, nor the selection set, seed 1), then DP fine-tuning
+# from its weights (train.init_from). PUBLIC_MODEL is replaced by that run's directory.
+PUBLIC_SEED = 2
+PUBLIC_MODEL = "<public model>"
+PRETRAIN = {"train.init_from": PUBLIC_MODEL}
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
     # post-processing: the evaluated/saved model is the EMA of the released global models (the
@@ -78,6 +84,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "aug": LIGHT_AUGMENT,
     "aug4": AUG4,
     "aug4_ema": AUG4 | EMA,
+    "pretrain": PRETRAIN,
 }
 
 
@@ -95,6 +102,8 @@ def variants(
             ("centralized", {"train.mode": "centralized", "privacy.level": "none"}),
             ("fedavg", {"privacy.level": "none"}),
         ]
+    if "pretrain" in levers:  # the lever's own baseline: FedAvg from the same public model
+        out.append(("fedavg_pretrain", {"privacy.level": "none", **PRETRAIN}))
     units = units or (["slice", "patient"] if patient else ["slice"])
     for unit in units:
         for e in eps:
@@ -115,6 +124,20 @@ def data_overrides(cfg: config_lib.Config, data_seed: int | None) -> dict[str, A
     if data_seed is None or data_seed == cfg.data.synth.seed:
         return {}
     return {"data.synth.seed": data_seed, "data.root": f"{cfg.data.root}_seed{data_seed}"}
+
+
+def pretrain_public(base: config_lib.Config, out: Path, echo: Callable[[str], Any]) -> Path:
+    """Train the public model (FedAvg, no DP, synthetic seed PUBLIC_SEED) into out/public."""
+    public_data = Path(base.data.root).parent / f"synth_public_seed{PUBLIC_SEED}"
+    cfg = base.replace(
+        **{"privacy.level": "none", "train.init_from": "", "data.root": str(public_data)},
+        **{"data.synth.seed": PUBLIC_SEED},
+    )
+    run_dir = out / "public"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = train(cfg, run_dir, progress=False)
+    echo(json.dumps({"variant": "public", "val_dice_public_set": summary["val_dice"]}))
+    return run_dir
 
 
 def mean_sd(values: list[float]) -> dict[str, float | None]:
@@ -148,9 +171,10 @@ def measure(
     if rounds:
         base = base.replace(**{"train.rounds": rounds})
     sites = load_training_data(base, None, progress=False)  # build and cache the data first
+    public = pretrain_public(base, Path(out), echo) if "pretrain" in levers else None
     rows = []
     for name, changes in variants(base, list(eps), patient, levers, baselines, units):
-        changes = dict(changes)
+        changes = {k: str(public) if v == PUBLIC_MODEL else v for k, v in changes.items()}
         target = changes.pop("_target", None)
         reps = []
         for k in range(keys):
