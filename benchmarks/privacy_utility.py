@@ -15,6 +15,10 @@ over sites, on the test split, of the saved model: `federated.train.split_dice`)
         [--no-baselines]
     tff-privseg bench --only privacy_utility [--quick]
 
+The `pretrain` lever first trains a public model (FedAvg without DP on synthetic seed 2, public by
+construction) and fine-tunes from it (train.init_from); it adds two rows: `public_only` (that
+model on the report set's val/test split, no site data at all) and `fedavg_pretrain`.
+
 --data-seed S picks the synthetic set (data.synth.seed = S, data.root = ROOT_seedS unless S is
 the config's seed): choose levers on one set (the selection set) and report on another (the
 default, seed 0), so that the reported figures are not tuned on their own data.
@@ -140,6 +144,30 @@ def pretrain_public(base: config_lib.Config, out: Path, echo: Callable[[str], An
     return run_dir
 
 
+def public_only_row(public: Path, sites: list) -> dict[str, Any]:
+    """The public model itself on the report set's val/test split: what pre-training gives
+    without any of the sites' data (the yardstick for the `pretrain` rows)."""
+    model = open_run(public).model
+    val, test = split_dice(model, sites, "val"), split_dice(model, sites, "test")
+    return {
+        "variant": "public_only",
+        "unit": None,
+        "noise_multiplier": None,
+        "epsilon": None,
+        "delta": None,
+        "overrides": {},
+        "keys": 1,
+        "val_dice": val,
+        "val": {"mean": val, "sd": None},
+        "test": {"mean": test, "sd": None},
+        "val_raw": mean_sd([]),
+        "best_val_dice": None,
+        "rounds": 0,
+        "wall_s": 0.0,
+        "repetitions": [],
+    }
+
+
 def mean_sd(values: list[float]) -> dict[str, float | None]:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
@@ -172,7 +200,7 @@ def measure(
         base = base.replace(**{"train.rounds": rounds})
     sites = load_training_data(base, None, progress=False)  # build and cache the data first
     public = pretrain_public(base, Path(out), echo) if "pretrain" in levers else None
-    rows = []
+    rows = [] if public is None else [public_only_row(public, sites)]
     for name, changes in variants(base, list(eps), patient, levers, baselines, units):
         changes = {k: str(public) if v == PUBLIC_MODEL else v for k, v in changes.items()}
         target = changes.pop("_target", None)
