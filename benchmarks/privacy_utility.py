@@ -82,6 +82,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "batch12x10": {"train.batch_size": 12, "train.local_steps": 10},
     "batch24x5": {"train.batch_size": 24, "train.local_steps": 5},  # 24 expected patients x 5 steps
     "batch6x20": {"train.batch_size": 6, "train.local_steps": 20},
+    "batch3x40": {"train.batch_size": 3, "train.local_steps": 40},
+    "batch2x60": {"train.batch_size": 2, "train.local_steps": 60},
     "server_adam": SERVER_ADAM,
     "server_adam_ema": SERVER_ADAM | EMA,
     # augmentation alone, and with multiplicity 4 (De et al. 2022)
