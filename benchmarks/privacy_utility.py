@@ -174,7 +174,7 @@ def mean_sd(values: list[float]) -> dict[str, float | None]:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return {"mean": None, "sd": None}
-    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None}
 
 
 def measure(
