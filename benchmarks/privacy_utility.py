@@ -15,6 +15,10 @@ over sites, on the test split, of the saved model: `federated.train.split_dice`)
         [--no-baselines]
     tff-privseg bench --only privacy_utility [--quick]
 
+The `pretrain` lever first trains a public model (FedAvg without DP on synthetic seed 2, public by
+construction) and fine-tunes from it (train.init_from); it adds two rows: `public_only` (that
+model on the report set's val/test split, no site data at all) and `fedavg_pretrain`.
+
 --data-seed S picks the synthetic set (data.synth.seed = S, data.root = ROOT_seedS unless S is
 the config's seed): choose levers on one set (the selection set) and report on another (the
 default, seed 0), so that the reported figures are not tuned on their own data.
@@ -60,6 +64,12 @@ EMA = {"train.ema_decay": 0.9}
 BATCH64 = {"train.batch_size": 64, "train.local_steps": 2}
 SERVER_ADAM = {"train.server_optimizer": "adam", "train.server_lr": 0.01}
 AUG4 = LIGHT_AUGMENT | {"data.augment.multiplicity": 4}
+# Public pre-training: FedAvg without DP on a synthetic set that is public by construction (its
+# own seed: neither the report set, seed 0, nor the selection set, seed 1), then DP fine-tuning
+# from its weights (train.init_from). PUBLIC_MODEL is replaced by that run's directory.
+PUBLIC_SEED = 2
+PUBLIC_MODEL = "<public model>"
+PRETRAIN = {"train.init_from": PUBLIC_MODEL}
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
     # post-processing: the evaluated/saved model is the EMA of the released global models (the
@@ -72,12 +82,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "batch12x10": {"train.batch_size": 12, "train.local_steps": 10},
     "batch24x5": {"train.batch_size": 24, "train.local_steps": 5},  # 24 expected patients x 5 steps
     "batch6x20": {"train.batch_size": 6, "train.local_steps": 20},
+    "batch3x40": {"train.batch_size": 3, "train.local_steps": 40},
+    "batch2x60": {"train.batch_size": 2, "train.local_steps": 60},
     "server_adam": SERVER_ADAM,
     "server_adam_ema": SERVER_ADAM | EMA,
     # augmentation alone, and with multiplicity 4 (De et al. 2022)
     "aug": LIGHT_AUGMENT,
     "aug4": AUG4,
     "aug4_ema": AUG4 | EMA,
+    "pretrain": PRETRAIN,
 }
 
 
@@ -95,6 +108,8 @@ def variants(
             ("centralized", {"train.mode": "centralized", "privacy.level": "none"}),
             ("fedavg", {"privacy.level": "none"}),
         ]
+    if "pretrain" in levers:  # the lever's own baseline: FedAvg from the same public model
+        out.append(("fedavg_pretrain", {"privacy.level": "none", **PRETRAIN}))
     units = units or (["slice", "patient"] if patient else ["slice"])
     for unit in units:
         for e in eps:
@@ -117,11 +132,49 @@ def data_overrides(cfg: config_lib.Config, data_seed: int | None) -> dict[str, A
     return {"data.synth.seed": data_seed, "data.root": f"{cfg.data.root}_seed{data_seed}"}
 
 
+def pretrain_public(base: config_lib.Config, out: Path, echo: Callable[[str], Any]) -> Path:
+    """Train the public model (FedAvg, no DP, synthetic seed PUBLIC_SEED) into out/public."""
+    public_data = Path(base.data.root).parent / f"synth_public_seed{PUBLIC_SEED}"
+    cfg = base.replace(
+        **{"privacy.level": "none", "train.init_from": "", "data.root": str(public_data)},
+        **{"data.synth.seed": PUBLIC_SEED},
+    )
+    run_dir = out / "public"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary = train(cfg, run_dir, progress=False)
+    echo(json.dumps({"variant": "public", "val_dice_public_set": summary["val_dice"]}))
+    return run_dir
+
+
+def public_only_row(public: Path, sites: list) -> dict[str, Any]:
+    """The public model itself on the report set's val/test split: what pre-training gives
+    without any of the sites' data (the yardstick for the `pretrain` rows)."""
+    model = open_run(public).model
+    val, test = split_dice(model, sites, "val"), split_dice(model, sites, "test")
+    return {
+        "variant": "public_only",
+        "unit": None,
+        "noise_multiplier": None,
+        "epsilon": None,
+        "delta": None,
+        "overrides": {},
+        "keys": 1,
+        "val_dice": val,
+        "val": {"mean": val, "sd": None},
+        "test": {"mean": test, "sd": None},
+        "val_raw": mean_sd([]),
+        "best_val_dice": None,
+        "rounds": 0,
+        "wall_s": 0.0,
+        "repetitions": [],
+    }
+
+
 def mean_sd(values: list[float]) -> dict[str, float | None]:
     vals = [v for v in values if v is not None and v == v]
     if not vals:
         return {"mean": None, "sd": None}
-    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+    return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else None}
 
 
 def measure(
@@ -148,9 +201,10 @@ def measure(
     if rounds:
         base = base.replace(**{"train.rounds": rounds})
     sites = load_training_data(base, None, progress=False)  # build and cache the data first
-    rows = []
+    public = pretrain_public(base, Path(out), echo) if "pretrain" in levers else None
+    rows = [] if public is None else [public_only_row(public, sites)]
     for name, changes in variants(base, list(eps), patient, levers, baselines, units):
-        changes = dict(changes)
+        changes = {k: str(public) if v == PUBLIC_MODEL else v for k, v in changes.items()}
         target = changes.pop("_target", None)
         reps = []
         for k in range(keys):

@@ -117,6 +117,11 @@ class TrainConfig:
     # guarantee: post-processing of models already released; training itself is unchanged.
     # 0 = off (the last global model).
     ema_decay: float = 0.0
+    # Initial weights instead of the seeded initialisation: a run directory (its
+    # model.weights.h5) or a .weights.h5 file of the same architecture, trained on public data
+    # only. The DP guarantee treats this model as public: it does not cover what the model
+    # learned from its own training data. "" = seeded initialisation (train.seed).
+    init_from: str = ""
 
 
 @dataclass(frozen=True)

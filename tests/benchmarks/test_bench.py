@@ -136,6 +136,11 @@ def test_privacy_utility_table_and_headline():
         "dp_patient_eps8",
         "dp_patient_eps8_ema",
     ]
+    # public pre-training: FedAvg from the public model beside FedAvg, DP rows fine-tune from it
+    named = dict(pu.variants(None, [3.0], False, ["pretrain"], units=["patient"]))
+    assert list(named) == ["centralized", "fedavg", "fedavg_pretrain", "dp_patient_eps3_pretrain"]
+    assert named["fedavg_pretrain"]["train.init_from"] == pu.PUBLIC_MODEL
+    assert named["dp_patient_eps3_pretrain"]["train.init_from"] == pu.PUBLIC_MODEL
     cfg = config_lib.load(Path(__file__).resolve().parents[2] / "configs" / "default.toml")
     assert pu.data_overrides(cfg, 0) == {}  # the config's own set
     assert pu.data_overrides(cfg, 1) == {"data.synth.seed": 1, "data.root": "data/synth_seed1"}

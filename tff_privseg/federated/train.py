@@ -39,7 +39,14 @@ from tff_privseg.privacy.schedule import (
     sampling_rate,
     sites_per_round,
 )
-from tff_privseg.rundir import RunDir, checkpoint, epsilon_to_json, prepare_run_dir, read_run_key
+from tff_privseg.rundir import (
+    RunDir,
+    checkpoint,
+    epsilon_to_json,
+    layout,
+    prepare_run_dir,
+    read_run_key,
+)
 
 
 @dataclass
@@ -193,6 +200,32 @@ def load_training_data(cfg: Config, data_root: str | None, progress: bool) -> li
     return sites
 
 
+def initial_weights(cfg: Config) -> list[np.ndarray] | None:
+    """The trainable weights named by `train.init_from` (a run directory or a .weights.h5
+    file of this architecture), or None: the seeded initialisation.
+
+    Loaded through Keras (`load_weights`), so a file of another architecture is refused with
+    one line naming it.
+    """
+    if not cfg.train.init_from:
+        return None
+    path = Path(cfg.train.init_from)
+    file = path / layout.WEIGHTS if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(
+            "train.init_from: no model weights here "
+            f"(a run directory with {layout.WEIGHTS}, or a .weights.h5 file)",
+            file,
+        )
+    model = training_model_fn(cfg)()
+    try:
+        model.load_weights(str(file))
+    except Exception as e:  # h5py/Keras raise ValueError, OSError, KeyError... for a bad file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"train.init_from: not weights of this model ({first})", file) from None
+    return [v.numpy() for v in model.trainable_variables]
+
+
 def train(
     cfg: Config,
     out: str | Path,
@@ -281,6 +314,12 @@ def run_rounds(
     model_fn = training_model_fn(cfg)
     process = federation.build_process(model_fn, dp)
     state = process.initialize()
+    init = initial_weights(cfg)
+    if init is not None:  # public weights: the rounds start from them, nothing else changes
+        import tensorflow_federated as tff
+
+        weights = tff.learning.models.ModelWeights(trainable=init, non_trainable=[])
+        state = process.set_model_weights(state, weights)
     ledger, start = federation.new_ledger(), 0
     decay = cfg.train.ema_decay
     ema = None  # the EMA of the released global models (train.ema_decay > 0)
@@ -430,6 +469,9 @@ def _train_centralized(
     images = np.concatenate([s.train.images for s in sites])
     labels = np.concatenate([s.train.labels for s in sites])
     model = training_model_fn(cfg)()
+    init = initial_weights(cfg)
+    if init is not None:
+        _assign(model, init)
     loss_fn = get_loss(cfg.train.loss)
     t = cfg.train
     if t.client_optimizer == "adam":
