@@ -89,3 +89,19 @@ def test_missing_or_foreign_weights_are_one_line_and_leave_no_run(public_run, tm
     result = invoke("train", "--config", cfg, "--data", data, "--out", out, "--quiet")
     one_line_error(result, "train.init_from", "not weights of this model", "model.weights.h5")
     assert not out.exists()
+
+
+def test_resume_without_checkpoints_refuses_to_rerun_rounds_from_an_unpinned_init(
+    public_run, tmp_path
+):
+    """Re-running released rounds with the same key from a file that may have changed would
+    release twice with the same noise: refused in one line, the run left as it was."""
+    data, public = public_run
+    cfg = write_config(tmp_path / "init.toml", **FROZEN, **{"train.init_from": str(public)})
+    run = tmp_path / "run"
+    run_ok("train", "--config", str(cfg), "--data", str(data), "--out", str(run))
+    for p in (run / "checkpoints").iterdir():
+        p.unlink()
+    result = invoke("train", "--config", cfg, "--data", data, "--out", run, "--resume", "--quiet")
+    one_line_error(result, "--resume", "train.init_from", "new run")
+    assert (run / "metrics.jsonl").read_text().strip()  # nothing truncated

@@ -339,6 +339,14 @@ def run_rounds(
         if "row" in header and not any(r["round"] == start for r in run.metrics_rows()):
             run.append_metrics(header["row"])  # committed, but the crash came before its row
     elif resume:
+        if cfg.train.init_from and run.rounds_released() > 0:
+            # Released rounds would run again with the same key from a file nothing pins to
+            # this run: if it changed, two releases share their noise.
+            raise UserError(
+                "--resume: no loadable checkpoint, and the rounds already released started from "
+                "train.init_from, which this run does not pin; start a new run (--out)",
+                run.checkpoints,
+            )
         run.truncate_metrics(0)
     eval_model = model_fn()
     writer = tf.summary.create_file_writer(str(run.tensorboard))
