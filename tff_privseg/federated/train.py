@@ -314,12 +314,6 @@ def run_rounds(
     model_fn = training_model_fn(cfg)
     process = federation.build_process(model_fn, dp)
     state = process.initialize()
-    init = initial_weights(cfg)
-    if init is not None:  # public weights: the rounds start from them, nothing else changes
-        import tensorflow_federated as tff
-
-        weights = tff.learning.models.ModelWeights(trainable=init, non_trainable=[])
-        state = process.set_model_weights(state, weights)
     ledger, start = federation.new_ledger(), 0
     decay = cfg.train.ema_decay
     ema = None  # the EMA of the released global models (train.ema_decay > 0)
@@ -327,6 +321,8 @@ def run_rounds(
     found = checkpoint.load_newest(run.checkpoints, template, _warn) if resume else None
     if found is not None and found[2]["run_key"] != read_run_key(run):
         raise UserError(f"made with another run key than {run.key_file}", found[0])
+    if found is None:  # before `begin`: a bad train.init_from file leaves nothing behind
+        state = _with_initial_weights(process, state, cfg)
     run_key = run.begin(cfg, resume)  # persisted before any round is released
     if found is not None:
         path, state, header = found
@@ -410,6 +406,17 @@ def run_rounds(
     _assign(eval_model, ema if decay > 0 and ema is not None else final)
     _save_model(eval_model, run)
     return _summary(cfg, run, rows, ledger, stopped)
+
+
+def _with_initial_weights(process: Any, state: Any, cfg: Config) -> Any:
+    """`state` starting from `train.init_from`'s public weights (unchanged without it)."""
+    init = initial_weights(cfg)
+    if init is None:
+        return state
+    import tensorflow_federated as tff
+
+    weights = tff.learning.models.ModelWeights(trainable=init, non_trainable=[])
+    return process.set_model_weights(state, weights)
 
 
 def _count_site_level_reruns(cfg: Config, ledger: PrivacyLedger, reruns: int) -> PrivacyLedger:
